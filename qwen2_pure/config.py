@@ -1,0 +1,190 @@
+"""`Qwen2Config`: the fields of an official `config.json`, and the values derived from them.
+
+The field names are the `config.json` keys, so a config is `Qwen2Config.from_dict(json.load(f))`.
+Newer files (transformers >= 4.56 / 5.x) spell a few keys differently — `dtype` for `torch_dtype`,
+`rope_parameters` for `rope_theta` + `rope_scaling`, an explicit `layer_types` list — and both spellings
+are accepted. Nothing is ever inferred from a model's name.
+
+A key we do not know, or a value we cannot honour (an unknown `rope_scaling` type, an activation other
+than SiLU, a quantization config), is an error naming the key: silently ignoring it would run a
+different model than the one the file describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import Qwen2PureError
+
+# Keys that describe the file, the training run or the HF runtime, not the computation.
+_INERT_KEYS = {
+    "_name_or_path", "architectures", "transformers_version", "initializer_range", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "output_attentions",
+    "output_hidden_states", "return_dict", "torchscript", "use_return_dict", "is_encoder_decoder",
+    "is_decoder", "add_cross_attention", "tie_encoder_decoder", "chunk_size_feed_forward",
+    "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "finetuning_task", "pruned_heads",
+    "cross_attention_hidden_size", "tf_legacy_loss", "use_bfloat16", "_attn_implementation",
+    "_attn_implementation_autoset", "attn_implementation", "_from_model_config", "keys_to_ignore_at_inference",
+    # generation fields that old transformers versions wrote into config.json
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+}
+_MODEL_TYPES = ("qwen2",)
+_ROPE_TYPES = ("default",)
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # transformers' default; every official Qwen2 file says 1e6
+    rope_scaling: Optional[dict] = None
+    tie_word_embeddings: bool = False
+    use_sliding_window: bool = False
+    sliding_window: Optional[int] = None
+    max_window_layers: int = 28
+    layer_types: Optional[tuple] = None
+    attention_dropout: float = 0.0
+    torch_dtype: Optional[str] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None
+    pad_token_id: Optional[int] = None
+    model_type: str = "qwen2"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # inert keys, kept for round trips
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2Config":
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in _MODEL_TYPES:
+            raise Qwen2PureError(
+                f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(_MODEL_TYPES)})")
+        if "quantization_config" in d:
+            method = (d["quantization_config"] or {}).get("quant_method", "?")
+            raise Qwen2PureError(
+                f"{source}: quantized checkpoints ({method}) are not supported; use the unquantized "
+                "checkpoint or its GGUF file")
+        # newer spellings
+        if "dtype" in d:
+            d["torch_dtype"] = d.pop("dtype")
+        rope_params = d.pop("rope_parameters", None)
+        if rope_params:
+            rope_params = dict(rope_params)
+            if "rope_theta" in rope_params:
+                d["rope_theta"] = rope_params.pop("rope_theta")
+            if rope_params.get("rope_type", "default") != "default" or len(rope_params) > 1:
+                d["rope_scaling"] = rope_params
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(k for k in d if k not in names and k not in _INERT_KEYS)
+        if unknown:
+            raise Qwen2PureError(f"{source}: unknown or unsupported config keys: {', '.join(unknown)}")
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if kwargs.get("layer_types") is not None:
+            kwargs["layer_types"] = tuple(kwargs["layer_types"])
+        cfg = cls(**kwargs, extra={k: v for k, v in d.items() if k in _INERT_KEYS})
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Qwen2Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise Qwen2PureError(f"{path}: file not found") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise Qwen2PureError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d["layer_types"] = list(self.layer_types) if self.layer_types else None
+        d = {**self.extra, **{k: v for k, v in d.items() if v is not None or k in ("sliding_window",)}}
+        d.setdefault("architectures", ["Qwen2ForCausalLM"])
+        return d
+
+    def validate(self, source: str = "config.json") -> None:
+        def bad(key, why):
+            raise Qwen2PureError(f"{source}: {key}={getattr(self, key)!r} {why}")
+
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(key, "must be a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            bad("hidden_size", f"is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_attention_heads", f"is not divisible by num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "is not supported (Qwen2 uses 'silu')")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in _ROPE_TYPES:
+                bad("rope_scaling", f"has type {kind!r}, which is not supported (supported: {', '.join(_ROPE_TYPES)})")
+        if self.torch_dtype is not None and self.torch_dtype not in _DTYPES:
+            bad("torch_dtype", f"is not one of {', '.join(_DTYPES)}")
+        if self.attention_dropout not in (0, 0.0):
+            bad("attention_dropout", "must be 0 (dropout in attention is not implemented)")
+        if not self.rms_norm_eps > 0:
+            bad("rms_norm_eps", "must be > 0")
+        if self.use_sliding_window and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            bad("sliding_window", "must be a positive integer when use_sliding_window is true")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                bad("layer_types", f"has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            odd = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if odd:
+                bad("layer_types", f"contains unknown types {sorted(odd)}")
+
+    # ---- derived values --------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (the GQA group size): 7 for Qwen2-0.5B and 7B, 6 for 1.5B, 8 for 72B."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def window(self) -> Optional[int]:
+        """The sliding window, or None: transformers drops it unless `use_sliding_window` is true."""
+        return self.sliding_window if self.use_sliding_window else None
+
+    def layer_window(self, i: int) -> Optional[int]:
+        """Sliding window of layer i (None = full attention).
+
+        transformers 4.57 semantics: layers i >= max_window_layers slide, the first `max_window_layers`
+        see everything; an explicit `layer_types` list (newer files) wins. Inert in official checkpoints.
+        """
+        if self.window is None:
+            return None
+        if self.layer_types is not None:
+            return self.window if self.layer_types[i] == "sliding_attention" else None
+        return self.window if i >= self.max_window_layers else None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [int(x) for x in (e if isinstance(e, (list, tuple)) else [e])]

@@ -1,0 +1,231 @@
+"""`load_model` and `load_tokenizer`: from a folder, a GGUF file, a modelscope id, or the demo checkpoint.
+
+A source is resolved to one of two things: an HF-layout folder (config.json, *.safetensors with an
+optional index, tokenizer files, generation_config.json) or a `.gguf` file. The model is built on the
+meta device, so no memory is spent on random initial weights, and each tensor is then read from its
+memory map, cast to the requested dtype and device, and assigned in place of its meta parameter; the
+mapped pages are dropped as soon as a tensor is copied, so peak RSS stays near the size of the weights.
+Loading is strict: a missing, unexpected or misshaped tensor is an error naming the file, the tensor
+and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import Qwen2Config
+from ..errors import Qwen2PureError
+from ..model import Qwen2ForCausalLM
+from .safetensors_io import SafetensorsFile
+
+Source = Union[str, os.PathLike, None]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# Tensors some checkpoints carry that are derived, not learned (old transformers saved RoPE tables).
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def parse_dtype(dtype, default: Optional[str] = None) -> torch.dtype:
+    """torch dtype from a torch.dtype, a name ('bfloat16', 'bf16', ...), or None/'auto' (= `default`)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise Qwen2PureError(f"dtype={dtype} is not supported (use float32, bfloat16 or float16)")
+        return dtype
+    if dtype is None or dtype == "auto":
+        dtype = default or "float32"
+    if dtype not in _DTYPES:
+        raise Qwen2PureError(f"dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_source(source: Source) -> Path:
+    """A local folder or .gguf file for `source`: a path, a modelscope id, or None for the demo model."""
+    if source is None:
+        from .demo import demo_model_dir
+        return demo_model_dir()
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise Qwen2PureError(f"{path}: expected a model folder or a .gguf file")
+        return path
+    text = str(source)
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1
+    if looks_local:
+        raise Qwen2PureError(f"{source}: no such folder or file")
+    return _download(text)
+
+
+def _download(model_id: str) -> Path:
+    """Fetch a hub id such as qwen/Qwen2-7B-Instruct through modelscope, as the Qwen docs do."""
+    try:
+        from modelscope import snapshot_download
+    except ImportError:
+        raise Qwen2PureError(
+            f"'{model_id}' is not a local folder or file, and downloading it needs modelscope: "
+            f"pip install \"qwen2-pure[hub]\" (or download the model elsewhere and pass its folder)") from None
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=[
+            "*.json", "*.safetensors", "merges.txt", "vocab.json", "LICENSE", "README.md"]))
+    except Exception as e:  # modelscope raises many kinds: connection, HTTP, not found
+        raise Qwen2PureError(
+            f"could not download '{model_id}' from modelscope ({type(e).__name__}: {str(e)[:200]}). "
+            "If this machine is offline, download the model elsewhere (modelscope download "
+            f"--model {model_id} --local_dir DIR) and pass --model DIR") from None
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors.index.json or the folder's .safetensors files."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise Qwen2PureError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise Qwen2PureError(f"{index}: lists shard {f.name}, which is not in {folder}")
+        return files
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))
+        hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded; convert them to safetensors)" \
+            if pickles else ""
+        raise Qwen2PureError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    files: dict[str, Path] = {}
+    for shard in shards:
+        with SafetensorsFile(shard) as f:
+            for name in f.names():
+                files[name] = shard
+    return files
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
+
+
+class _StrictAssigner:
+    """Assigns checkpoint tensors to a meta-device model, checking names and shapes as it goes."""
+
+    def __init__(self, model: Qwen2ForCausalLM, dtype: torch.dtype, device):
+        self.model, self.dtype, self.device = model, dtype, device
+        # named_parameters() lists a tied lm_head once, under model.embed_tokens.weight
+        self.expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.loaded: set[str] = set()
+        self.tied = model.config.tie_word_embeddings
+
+    def wants(self, name: str, where: str) -> bool:
+        if name.endswith(_DERIVED_SUFFIXES) or (self.tied and name == "lm_head.weight"):
+            return False
+        if name not in self.expected:
+            raise Qwen2PureError(f"{where}: unexpected tensor '{name}' (not part of a Qwen2 model with this "
+                                 "config.json; is the config for a different model?)")
+        return True
+
+    def assign(self, name: str, shape: tuple, fetch: Callable[[], torch.Tensor], where: str,
+               fresh: bool = False) -> None:
+        want = self.expected[name]
+        if tuple(shape) != want:
+            raise Qwen2PureError(f"{where}: tensor '{name}' has shape {list(shape)}, the config implies {list(want)}")
+        t = fetch()
+        # a memory-mapped view must be copied out of the file; a freshly dequantized tensor need not be
+        t = t.to(device=self.device, dtype=self.dtype, copy=not fresh)
+        _set_parameter(self.model, name, t)
+        self.loaded.add(name)
+
+    def finish(self, where: str) -> Qwen2ForCausalLM:
+        missing = sorted(set(self.expected) - self.loaded)
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise Qwen2PureError(f"{where}: missing tensors: {', '.join(missing[:5])}{more}")
+        self.model.tie_weights()
+        return self.model.eval()
+
+
+def _build(cfg: Qwen2Config) -> Qwen2ForCausalLM:
+    with torch.device("meta"):
+        return Qwen2ForCausalLM(cfg)
+
+
+def _load_folder(folder: Path, dtype, device) -> Qwen2ForCausalLM:
+    cfg = Qwen2Config.from_file(folder / "config.json")
+    files = _checkpoint_files(folder)
+    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, cfg.torch_dtype), device)
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for path, names in by_file.items():
+        with SafetensorsFile(path) as f:
+            present = set(f.names())
+            for name in names:
+                if name not in present:
+                    raise Qwen2PureError(f"{path}: tensor '{name}' is listed in the index but not in this shard")
+                if assigner.wants(name, str(path)):
+                    assigner.assign(name, f.shape(name), lambda: f.get(name), str(path))
+                    f.release(name)
+    model = assigner.finish(str(folder))
+    model.generation_config = _read_json(folder / "generation_config.json")
+    model.source = str(folder)
+    return model
+
+
+def _load_gguf(path: Path, dtype, device) -> Qwen2ForCausalLM:
+    from .gguf import gguf_config, iter_gguf_tensors, open_gguf
+    from .gguf_tokenizer import gguf_tokenizer_files
+    reader = open_gguf(path)
+    cfg = Qwen2Config.from_dict(gguf_config(reader), source=str(path))
+    # GGUF tensors are quantized: they are dequantized to fp32 one at a time, then cast
+    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, "float32"), device)
+    for name, tensor in iter_gguf_tensors(reader):
+        if assigner.wants(name, str(path)):
+            assigner.assign(name, tuple(tensor.shape), lambda: tensor, str(path), fresh=True)
+    model = assigner.finish(str(path))
+    model.generation_config = gguf_tokenizer_files(reader)[2]
+    model.source = str(path)
+    return model
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_model(source: Source = None, dtype=None, device=None) -> Qwen2ForCausalLM:
+    """Load a Qwen2 model from a folder, a .gguf file, a modelscope id, or (None) the demo checkpoint.
+
+    dtype: torch dtype or name; None/'auto' takes config.json's `torch_dtype` (fp32 when absent).
+    device: where the weights go (default CPU). Returns the model in eval mode, with
+    `model.generation_config` (a dict; empty when the folder has no generation_config.json).
+    """
+    path = resolve_source(source)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if path.is_file():
+        return _load_gguf(path, dtype, device)
+    return _load_folder(path, dtype, device)
+
+
+def load_tokenizer(source: Source = None):
+    """The tokenizer (with chat template and stop ids) of the same sources `load_model` takes."""
+    from ..tokenizer import Tokenizer
+    path = resolve_source(source)
+    if path.is_file():
+        from .gguf import open_gguf
+        from .gguf_tokenizer import gguf_tokenizer_files
+        text, tok_cfg, gen_cfg = gguf_tokenizer_files(open_gguf(path))
+        return Tokenizer(text, tok_cfg, gen_cfg, name=path.name)
+    return Tokenizer.from_dir(path)

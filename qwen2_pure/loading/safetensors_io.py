@@ -1,0 +1,183 @@
+"""Reading and writing the safetensors format, memory-mapped and strict.
+
+Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes of
+JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the raw
+row-major data; offsets are relative to the end of the header.
+
+We parse the header ourselves instead of calling `safetensors.safe_open` for two reasons:
+- every inconsistency (a truncated file, a header that is not JSON, offsets that disagree with the
+  shape) becomes an error naming the file and the tensor, before any data is touched;
+- a tensor is a zero-copy view of the memory map; once the loader has copied it into the model we
+  `madvise(DONTNEED)` its pages, so the page cache never adds a second copy of the weights to RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from ..errors import Qwen2PureError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: `names()`, `shape(name)`, `get(name)` (a zero-copy view), `release(name)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise Qwen2PureError(f"{self.path}: file not found") from None
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise Qwen2PureError(f"{self.path}: not a safetensors file ({size} bytes, too short for a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise Qwen2PureError(
+                f"{self.path}: corrupt safetensors header (declares {n} header bytes, file has {size} bytes)")
+        try:
+            header = json.loads(self._file.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Qwen2PureError(f"{self.path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        data_len = size - self._data_start
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                begin, end = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise Qwen2PureError(f"{self.path}: corrupt header entry for tensor '{name}' ({err!r})") from None
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes or begin < 0:
+                raise Qwen2PureError(
+                    f"{self.path}: tensor '{name}' has shape {list(shape)} {e['dtype']} ({nbytes} bytes) "
+                    f"but its data_offsets span {end - begin} bytes")
+            if end > data_len:
+                raise Qwen2PureError(
+                    f"{self.path}: truncated file: tensor '{name}' ends at byte {self._data_start + end} "
+                    f"but the file has {size} bytes")
+            self._entries[name] = (dtype, shape, begin, end)
+        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][0]
+
+    def get(self, name: str) -> torch.Tensor:
+        """A read-only zero-copy view of the tensor's bytes; copy it before the file is closed."""
+        dtype, shape, begin, end = self._entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        import warnings
+        with warnings.catch_warnings():  # the view is read-only; we only ever copy out of it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._mmap, dtype=dtype, count=math.prod(shape),
+                                    offset=self._data_start + begin)
+        return flat.view(shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor already copied out, so they stop counting in RSS."""
+        _, _, begin, end = self._entries[name]
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        stop = self._data_start + end
+        if stop > start and hasattr(self._mmap, "madvise"):
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a view is still alive somewhere; the GC closes it later
+                pass
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterator[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Stream tensors to a safetensors file, atomically.
+
+    `specs` lists (name, dtype, shape) of every tensor in order, so the header can be written first;
+    `tensors` then yields (name, tensor) in the same order, one at a time, so a converter never holds
+    more than one tensor in memory. The file appears under `path` only when complete (temp + rename).
+    """
+    path = Path(path)
+    specs = list(specs)
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, dtype, shape in specs:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for (name, dtype, shape), (got_name, t) in zip(specs, tensors, strict=True):
+                if got_name != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"write_safetensors: got {got_name} {t.dtype} {list(t.shape)}, "
+                                     f"header says {name} {dtype} {list(shape)}")
+                t = t.detach().contiguous().cpu()
+                if t.numel():
+                    f.write(memoryview(t.view(torch.uint8).numpy()))  # no intermediate bytes copy
+                del t  # let the converter free this tensor before producing the next one
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

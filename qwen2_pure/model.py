@@ -1,0 +1,201 @@
+"""The Qwen2 decoder, top to bottom.
+
+Architecture facts (Qwen2 / Qwen2.5 dense, `Qwen2ForCausalLM`; reference: transformers `modeling_qwen2.py`):
+- pre-norm decoder: h += o_proj(attn(RMSNorm(h))); h += mlp(RMSNorm(h)); logits = lm_head(RMSNorm(h))
+- RMSNorm computes in fp32 and casts back to the activation dtype *before* the multiply by its weight
+- RoPE: split-halves ("rotate_half") convention, inv_freq = theta^(-2i/D) in fp32 (theta = 1e6 in every
+  official checkpoint), cos/sin computed in fp32 and cast to the activation dtype
+- grouped-query attention: H_q query heads share H_kv key/value heads, query head j reads KV head j // n_rep;
+  q_proj, k_proj and v_proj carry a bias, o_proj does not; scale 1/sqrt(D); softmax in fp32
+- SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases
+- no embedding scaling; lm_head tied to embed_tokens for the small sizes (`tie_word_embeddings`)
+- optional sliding-window attention on layers >= max_window_layers (off in every official checkpoint)
+
+Shapes: B batch, T new tokens, S keys visible (cache length), H_q / H_kv heads, D head_dim, n_rep = H_q // H_kv.
+Parameter names are Hugging Face's, so a checkpoint loads as an identity map and peft names line up.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import KVCache
+from .config import Qwen2Config
+from .errors import Qwen2PureError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions, computed on the fly in fp32.
+
+    inv_freq is a plain attribute, not a buffer, on purpose: `model.to(torch.bfloat16)` would cast a
+    buffer to bf16 and move every logit by ~3e-2 (transformers' own `.to()` trap). It stays fp32.
+    """
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        d = cfg.head_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids: (B, T) -> cos, sin: (B, T, D)
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs = (self.inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): the two halves share frequencies
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], input_pos):
+        B, T, _ = x.shape
+        # (B, T, H*D) -> (B, H, T, D): the biases are added before RoPE, as in the reference
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = ops.apply_rope(q, k, cos, sin)
+        if cache is not None:  # write the new keys at their slots, read back every slot seen so far
+            k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, S, D)
+        out = ops.attention(q, k, v, mask, self.head_dim ** -0.5)  # (B, H_q, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.window = cfg.layer_window(layer_idx)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, masks, cache, input_pos):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.window], cache, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+def attention_mask_4d(slots: torch.Tensor, kv_len: int, padding: Optional[torch.Tensor],
+                      window: Optional[int], dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B or 1, 1, T, S): 0 where query slot t may read key slot s, dtype-min elsewhere.
+
+    Key s is visible from query slot q iff s <= q (causal), s > q - window (sliding window: the window
+    counts the current token) and s is not padding. Slots are cache positions, not RoPE positions: with
+    left padding they differ, and transformers masks by slot too.
+    """
+    keys = torch.arange(kv_len, device=slots.device)
+    visible = keys[None, :] <= slots[:, None]  # (T, S)
+    if window is not None:
+        visible = visible & (keys[None, :] > slots[:, None] - window)
+    visible = visible[None, None]  # (1, 1, T, S)
+    if padding is not None:
+        visible = visible & padding[:, None, None, :kv_len].bool()  # (B, 1, T, S)
+    zero = torch.zeros((), dtype=dtype, device=slots.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share one tensor between embed_tokens and lm_head when the config says so (re-run after loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """A static KV cache for `batch_size` sequences of up to `max_len` tokens (prompt + new)."""
+        cfg = self.config
+        if max_len > cfg.max_position_embeddings:
+            raise Qwen2PureError(f"max_len={max_len} exceeds the model's context "
+                                 f"(max_position_embeddings={cfg.max_position_embeddings})")
+        return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                       dtype=dtype or self.dtype, device=self.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
+                input_pos: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) — or (B, 1, vocab) with `last_only` — for `input_ids` (B, T).
+
+        attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, over every slot seen so
+            far, this call's tokens included. When given without position_ids, RoPE positions count
+            real tokens only (mask.cumsum - 1), so a left-padded row gives the logits of the unpadded one.
+        position_ids: (B, T) RoPE positions; default: the slots (0.. without a cache, input_pos with one).
+        cache, input_pos: a KVCache and the slots (T,) this call writes, e.g. arange(T) for a prefill
+            and tensor([t]) for the decode step of token t. Without a cache the call is a full forward.
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device)
+        kv_len = int(input_pos[-1]) + 1
+        if position_ids is None:
+            if attention_mask is not None:
+                pos = attention_mask.long().cumsum(-1) - 1
+                position_ids = pos.masked_fill(attention_mask == 0, 1)[:, input_pos]
+            else:
+                position_ids = input_pos[None, :].expand(B, T)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, h.dtype)
+        # one additive mask per distinct window (None = full attention), shared by the layers using it
+        masks = {w: attention_mask_4d(input_pos, kv_len, attention_mask, w, h.dtype)
+                 for w in {layer.window for layer in self.model.layers}}
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, masks, cache, input_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))
