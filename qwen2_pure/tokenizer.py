@@ -328,7 +328,8 @@ class TextStream:
     UTF-8 safety: byte-level BPE splits many characters (CJK, emoji) over several tokens, and decoding a
     partial character yields U+FFFD. We decode a short window of recent ids and release text only when
     the window's text does not end in U+FFFD. The window starts at the previous release point, so each
-    step costs O(1) however long the answer gets (the same scheme as vLLM's detokenizer).
+    step costs O(1) however long the answer gets (the same scheme as vLLM's detokenizer). Only a run of
+    tokens whose text keeps ending in an invalid byte sequence grows the window, for as long as it lasts.
 
     Stop strings (`stop`): text is held back while its end could be the beginning of a stop string. When
     one appears, `stopped` becomes True, `stop_string` names it, and the returned text ends just before

@@ -148,7 +148,11 @@ def test_boundaries_exact():
     """Four equal tokens (p = 1/4 each, exact in fp32) and the rest masked."""
     x = torch.full((1, 8), -math.inf)
     x[0, :4] = 0.0
-    finite = lambda **kw: int(torch.isfinite(process_logits(x, **{**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), **kw})).sum())  # noqa: E731
+
+    def finite(**kw) -> int:
+        kw = {**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), **kw}
+        return int(torch.isfinite(process_logits(x, **kw)).sum())
+
     assert finite(top_p=0.5) == 2  # cumulative mass 0.5 <= 1 - 0.5 is dropped: keep the smallest set with mass >= top_p
     assert finite(top_p=0.51) == 3
     assert finite(top_p=0.25) == 1
@@ -158,7 +162,8 @@ def test_boundaries_exact():
     assert finite(top_k=100) == 4  # top_k > V is clamped, and -inf entries are never revived
     assert finite(min_p=1.0) == 4  # p < min_p * p_max is strict
     y = torch.tensor([[0.0, -0.1, -5.0]])
-    assert torch.isfinite(process_logits(y, temperature=1.0, top_k=0, top_p=1.0, min_p=0.5)).tolist() == [[True, True, False]]
+    kept = torch.isfinite(process_logits(y, temperature=1.0, top_k=0, top_p=1.0, min_p=0.5))
+    assert kept.tolist() == [[True, True, False]]
 
 
 def test_temperature_zero_and_no_mutation():
@@ -312,7 +317,10 @@ def test_generators_match_transformers_global_rng():
 
 def test_seeded_sampling_reproducible_and_batch_invariant():
     logits = torch.zeros(4, 1000)  # uniform: any dependence on the seed or the other rows shows
-    draws = lambda x, gens: torch.stack([sample_next(x, temperature=1.0, generators=gens) for _ in range(20)])  # noqa: E731
+
+    def draws(x, gens):  # 20 steps of the same logits: [20, B]
+        return torch.stack([sample_next(x, temperature=1.0, generators=gens) for _ in range(20)])
+
     a = draws(logits, make_generators(11, 4))
     assert torch.equal(a, draws(logits, make_generators(11, 4)))
     assert torch.equal(a[:, 0], draws(logits[:1], make_generators(11, 1))[:, 0])  # row 0 == batch of one

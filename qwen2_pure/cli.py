@@ -1,0 +1,328 @@
+"""`qwen2-pure`: generate, chat and convert from the command line.
+
+    qwen2-pure chat                                   # the demo model (Qwen2.5-Coder-0.5B-Instruct), on the CPU
+    qwen2-pure generate --model DIR_OR_GGUF_OR_ID --prompt "..." [--chat] [--max-new-tokens N] [--seed S]
+    qwen2-pure convert FILE.gguf OUT_DIR
+
+Argument parsing and terminal I/O only; the work is done by the modules it calls. A user error prints
+one line on stderr (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+from .errors import Qwen2PureError
+
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
+DEFAULT_MAX_NEW_TOKENS = 2048  # as Qwen's cli_demo sets
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="model folder, .gguf file or modelscope id (default: the embedded demo model)")
+    p.add_argument("--dtype", default="auto", help="auto (config.json's), float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2-pure", description="Qwen2 / Qwen2.5 in plain PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete a prompt and print only the new text")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    _add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat, like Qwen2's cli_demo")
+    _add_model_args(chat)
+    chat.add_argument("--seed", "-s", type=int, default=1234, help="random seed, reset before every answer")
+    chat.add_argument("--system", default=None, help="system message (default: the template's own)")
+
+    conv = sub.add_parser("convert", help="convert a .gguf file to a Hugging Face-layout folder")
+    conv.add_argument("gguf", help="input .gguf file")
+    conv.add_argument("out_dir", help="output folder (created; must not exist or be empty)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return parser
+
+
+def _load(args):
+    import torch
+
+    from .loading import load_model, load_tokenizer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    print(f"[loaded {model.source} ({str(model.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.1f} s]",
+          file=sys.stderr, flush=True)
+    return model, tokenizer
+
+
+def _settings(model, overrides: dict) -> dict:
+    """The generation settings: generation_config.json's sampling keys, then the user's overrides."""
+    conf = {k: v for k, v in getattr(model, "generation_config", {}).items() if k in SAMPLING_KEYS}
+    conf.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    conf.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("temperature") is not None:  # asking for a temperature means asking to sample
+        conf["do_sample"] = overrides["temperature"] > 0
+    return conf
+
+
+def _sampling_kwargs(conf: dict, seed: Optional[int]) -> dict:
+    from .sampling import SamplingParams
+    p = SamplingParams.from_generation_config({k: v for k, v in conf.items() if k != "max_new_tokens"})
+    max_new = conf.get("max_new_tokens")
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+        raise Qwen2PureError(f"max_new_tokens={max_new!r} is invalid: it must be an integer >= 1")
+    return dict(max_new_tokens=max_new, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                repetition_penalty=p.repetition_penalty, seed=seed)
+
+
+def cmd_generate(args) -> int:
+    from .generation import stream_text
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tok = _load(args)
+    conf = _settings(model, dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                 repetition_penalty=args.repetition_penalty))
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.encode(prompt)
+    for piece in stream_text(model, tok, ids, stop=args.stop, stop_token_ids=tok.stop_token_ids,
+                             **_sampling_kwargs(conf, args.seed)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .loading.gguf import convert_gguf
+    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# ---- chat ----------------------------------------------------------------------------------------------
+
+HELP = """\
+Commands:
+    :help / :h              Show this help message
+    :exit / :quit / :q      Exit the demo
+    :clear / :cl            Clear the screen
+    :clear-history / :clh   Clear the conversation history
+    :history / :his         Show the conversation history
+    :seed                   Show the current random seed
+    :seed <N>               Set the random seed to <N>
+    :conf                   Show the generation settings
+    :conf <key>=<value>     Change a setting (keys: {keys})
+    :reset-conf             Restore the model's generation settings
+Ctrl-C while the model answers stops the answer and keeps the conversation.""".format(keys=", ".join(SAMPLING_KEYS))
+
+COMMANDS = {
+    "help": "help", "h": "help", "exit": "exit", "quit": "exit", "q": "exit", "clear": "clear", "cl": "clear",
+    "clear-history": "clear-history", "clh": "clear-history", "history": "history", "his": "history",
+    "seed": "seed", "conf": "conf", "reset-conf": "reset-conf",
+}
+
+
+def parse_conf_value(text: str):
+    """A setting's value as a Python literal (number, bool, None, string) — never evaluated as code."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        raise
+
+
+class ChatSession:
+    """Qwen2 cli_demo's loop and commands, reading lines from `input_fn` and writing to `out`."""
+
+    def __init__(self, model, tokenizer, seed: int = 1234, system: Optional[str] = None, out=None, input_fn=input):
+        self.model, self.tok, self.seed, self.system = model, tokenizer, seed, system
+        self.out = out or sys.stdout
+        self.input = input_fn
+        self.defaults = _settings(model, {})
+        self.conf = dict(self.defaults)
+        self.history: list[tuple[str, str]] = []
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def welcome(self) -> None:
+        self.say(f"Welcome to qwen2-pure chat with {os.path.basename(str(self.model.source))}. "
+                 "Type to chat, :h for help, :q to quit.")
+
+    def run(self) -> int:
+        self.welcome()
+        while True:
+            try:
+                line = self.input("\nUser> ")
+            except EOFError:
+                self.say()
+                return 0
+            except KeyboardInterrupt:
+                self.say()
+                return 1
+            query = line.strip()
+            if not query:
+                self.say("[ERROR] Query is empty")
+                continue
+            if query.startswith(":"):
+                name, _, rest = query[1:].partition(" ")
+                if name in COMMANDS:
+                    if self.command(COMMANDS[name], rest.split()) == "exit":
+                        return 0
+                    continue
+            self.answer(query)
+
+    def command(self, cmd: str, args: list[str]):
+        if cmd == "exit":
+            return "exit"
+        if cmd == "help":
+            self.say(HELP)
+        elif cmd == "clear":
+            if self.out.isatty():
+                self.out.write("\033[2J\033[H")
+            self.welcome()
+        elif cmd == "clear-history":
+            self.say(f"[INFO] All {len(self.history)} history cleared")
+            self.history.clear()
+        elif cmd == "history":
+            width = shutil.get_terminal_size((80, 20)).columns
+            self.say(f" History ({len(self.history)}) ".center(width, "="))
+            for i, (q, a) in enumerate(self.history):
+                self.say(f"User[{i}]: {q}")
+                self.say(f"Qwen[{i}]: {a}")
+            self.say("=" * width)
+        elif cmd == "seed":
+            if not args:
+                self.say(f"[INFO] Current random seed: {self.seed}")
+            else:
+                try:
+                    self.seed = int(args[0])
+                    self.say(f"[INFO] Random seed changed to {self.seed}")
+                except ValueError:
+                    self.say(f"[WARNING] Fail to change random seed: {args[0]!r} is not a valid number")
+        elif cmd == "conf":
+            if not args:
+                for k in SAMPLING_KEYS:
+                    if k in self.conf:
+                        self.say(f"{k} = {self.conf[k]!r}")
+            for item in args:
+                self.set_conf(item)
+        elif cmd == "reset-conf":
+            self.conf = dict(self.defaults)
+            self.say("[INFO] Reset generation config")
+            self.command("conf", [])
+
+    def set_conf(self, item: str) -> None:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            self.say("[WARNING] format: <key>=<value>")
+            return
+        if key not in SAMPLING_KEYS:
+            self.say(f"[WARNING] Unknown setting {key!r}; known: {', '.join(SAMPLING_KEYS)}")
+            return
+        try:
+            parsed = parse_conf_value(value)
+        except (ValueError, SyntaxError):
+            self.say(f"[WARNING] {key}: {value!r} is not a number, boolean or quoted string")
+            return
+        trial = {**self.conf, key: parsed}
+        if key == "temperature" and isinstance(parsed, (int, float)):
+            trial["do_sample"] = parsed > 0
+        try:
+            _sampling_kwargs(trial, self.seed)
+        except Qwen2PureError as e:
+            self.say(f"[WARNING] {e}")
+            return
+        self.conf = trial
+        self.say(f"[INFO] Change config: {key} = {parsed!r}")
+
+    def messages(self, query: str) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for q, a in self.history:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return msgs + [{"role": "user", "content": query}]
+
+    def answer(self, query: str) -> None:
+        from .generation import stream_text
+        ids = self.tok.encode(self.tok.apply_chat_template(self.messages(query), add_generation_prompt=True))
+        kwargs = _sampling_kwargs(self.conf, self.seed)
+        room = self.model.config.max_position_embeddings - len(ids)
+        if room < 1:
+            self.say(f"[ERROR] The conversation ({len(ids)} tokens) no longer fits the model's context of "
+                     f"{self.model.config.max_position_embeddings} tokens; :clh clears the history")
+            return
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], room)
+        self.say("\nQwen: ", end="")
+        pieces: list[str] = []
+        stream = stream_text(self.model, self.tok, ids, stop_token_ids=self.tok.stop_token_ids, **kwargs)
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                self.say(piece, end="")
+        except KeyboardInterrupt:
+            stream.close()
+            self.say("\n[WARNING] Generation interrupted")
+            return
+        self.say()
+        self.history.append((query, "".join(pieces)))
+
+
+def cmd_chat(args) -> int:
+    model, tok = _load(args)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    return ChatSession(model, tok, seed=args.seed, system=args.system).run()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert}[args.command]
+    try:
+        return handler(args)
+    except Qwen2PureError as e:
+        print(f"qwen2-pure: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
