@@ -87,7 +87,8 @@ def _settings(model, overrides: dict) -> dict:
     conf.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     conf.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("temperature") is not None:  # asking for a temperature means asking to sample
-        conf["do_sample"] = overrides["temperature"] > 0
+        # != 0, not > 0: a negative or NaN temperature must reach validation, not silently mean greedy
+        conf["do_sample"] = overrides["temperature"] != 0
     return conf
 
 
@@ -104,6 +105,11 @@ def _sampling_kwargs(conf: dict, seed: Optional[int]) -> dict:
 def cmd_generate(args) -> int:
     from .generation import stream_text
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    from .sampling import SamplingParams
+    # fail on a bad value before spending minutes loading a large model
+    SamplingParams(**{k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                             min_p=args.min_p, repetition_penalty=args.repetition_penalty).items()
+                      if v is not None}).validate()
     model, tok = _load(args)
     conf = _settings(model, dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -123,7 +129,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from pathlib import Path
+
     from .loading.gguf import convert_gguf
+    target = Path(args.out_dir)
+    if target.is_dir() and any(target.iterdir()) and not args.overwrite:  # say --overwrite, not overwrite=True
+        raise Qwen2PureError(f"{target}: output folder exists and is not empty; pass --overwrite to replace it")
     out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -235,9 +246,14 @@ class ChatSession:
                     self.say(f"[WARNING] Fail to change random seed: {args[0]!r} is not a valid number")
         elif cmd == "conf":
             if not args:
+                from .sampling import _HF_DEFAULTS
                 for k in SAMPLING_KEYS:
                     if k in self.conf:
                         self.say(f"{k} = {self.conf[k]!r}")
+                    elif k in _HF_DEFAULTS:
+                        self.say(f"{k} = {_HF_DEFAULTS[k]!r} (default)")
+                if not _sampling_kwargs(self.conf, self.seed)["temperature"]:
+                    self.say("(do_sample is off: answers are greedy)")
             for item in args:
                 self.set_conf(item)
         elif cmd == "reset-conf":
@@ -260,7 +276,7 @@ class ChatSession:
             return
         trial = {**self.conf, key: parsed}
         if key == "temperature" and isinstance(parsed, (int, float)):
-            trial["do_sample"] = parsed > 0
+            trial["do_sample"] = parsed != 0  # a negative value is then rejected by validation
         try:
             _sampling_kwargs(trial, self.seed)
         except Qwen2PureError as e:

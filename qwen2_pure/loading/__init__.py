@@ -79,7 +79,7 @@ def _download(model_id: str) -> Path:
         raise Qwen2PureError(
             f"could not download '{model_id}' from modelscope ({type(e).__name__}: {str(e)[:200]}). "
             "If this machine is offline, download the model elsewhere (modelscope download "
-            f"--model {model_id} --local_dir DIR) and pass --model DIR") from None
+            f"--model {model_id} --local_dir DIR) and pass that folder instead of the id") from None
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:

@@ -1,0 +1,574 @@
+"""The command line (qwen2_pure/cli.py): `generate`, `chat` (Qwen's cli_demo commands) and `convert`.
+
+The model is a tiny random Qwen2 (1 layer, hidden 32) with the real Qwen2.5 tokenizer (151,936 rows), so
+prompts, chat templates and decoding are real. About 130 ordinary English words get large embedding rows
+(tied with the LM head) and the final norm gets random signs, so that greedy decoding emits varied, readable
+words instead of one token repeated. Most tests call `cli.main([...])` or `ChatSession` in-process; a few run
+the CLI as a subprocess where process behaviour matters (stdout purity, exit status, no traceback, stdin).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qwen2_pure
+from qwen2_pure import cli, generation
+from qwen2_pure.cli import HELP, ChatSession, main
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 8  # the checkpoint's generation_config.json max_new_tokens (keeps chat answers short)
+WORDS = ("the of and to in is it you that he was for on are with as his they at be this from have or by one had "
+         "not but what all were when we there can an your which their said if do will each about how up out them "
+         "then she many some so these would other into has more her two like him see time could no make than first "
+         "been its who now people my made over did down only way find use may water long little very after words "
+         "called just where most know get through back much before go good new write our used me man too any day "
+         "same right look think also around another came come work three word must because does part even place "
+         "well").split()
+SAMPLE = ["--temperature", "1.0", "--top-k", "10"]  # top-k 10 keeps sampling among the loud word tokens
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(demo_tokenizer_dir, tmp_path_factory):
+    """A ~20 MB checkpoint folder: random tiny Qwen2 + the demo's tokenizer files."""
+    from hf_utils import make_hf_checkpoint
+
+    from qwen2_pure.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(demo_tokenizer_dir)
+    ids: list[int] = []
+    for w in WORDS:
+        e = tok.encode(" " + w)
+        if len(e) == 1 and e[0] not in ids:
+            ids.append(e[0])
+    d = tmp_path_factory.mktemp("cli_model")
+    model = make_hf_checkpoint(d, heads=2, kv_heads=1, head_dim=16, layers=1, tied=True, intermediate=64,
+                               vocab=151936, seed=0, max_pos=256)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        emb = model.get_input_embeddings().weight
+        emb[ids] = torch.randn(len(ids), emb.shape[1], generator=g)
+        norm = model.model.norm.weight
+        norm.mul_(torch.where(torch.rand(norm.shape, generator=g) < 0.5, -1.0, 1.0))
+    model.save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_tokenizer_dir / name, d / name)
+    gen = json.loads((demo_tokenizer_dir / "generation_config.json").read_text(encoding="utf-8"))
+    assert "do_sample" not in gen  # the demo's file: greedy
+    gen["max_new_tokens"] = MAX_NEW
+    (d / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def short_dir(model_dir, tmp_path_factory):
+    """The same checkpoint with a context of 24 tokens (max_position_embeddings)."""
+    d = tmp_path_factory.mktemp("cli_model_short")
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            try:
+                os.symlink(f, d / f.name)
+            except OSError:
+                shutil.copy(f, d / f.name)
+        else:
+            shutil.copy(f, d / f.name)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 24
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return qwen2_pure.load_model(model_dir), qwen2_pure.load_tokenizer(model_dir)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+def api_text(model, tok, prompt: str, *, chat=False, system=None, max_new_tokens=MAX_NEW, **sampling) -> str:
+    """What the CLI should print, computed with the Python API."""
+    if chat:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    [new] = qwen2_pure.generate(model, [tok.encode(prompt)], max_new_tokens=max_new_tokens,
+                                stop_token_ids=tok.stop_token_ids, **sampling)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def run_main(capsys, *argv):
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without the '[loaded ...]' line and progress bars."""
+    return [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[loaded ")]
+
+
+def run_cli(*argv, stdin: str = "", timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    return subprocess.run([sys.executable, "-m", "qwen2_pure.cli", *map(str, argv)], input=stdin,
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def run_chat(model, tok, lines, seed=1234, system=None):
+    """Drive a ChatSession with scripted input lines (an exception instance is raised instead); EOF at the end."""
+    script = list(lines)
+    out = io.StringIO()
+
+    def input_fn(prompt=""):
+        out.write(prompt)
+        if not script:
+            raise EOFError
+        item = script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        out.write(item + "\n")  # echo, as a terminal would
+        return item
+
+    session = ChatSession(model, tok, seed=seed, system=system, out=out, input_fn=input_fn)
+    rc = session.run()
+    return rc, out.getvalue(), session
+
+
+def answers(out: str) -> list[str]:
+    return re.findall(r"^Qwen: (.*)$", out, flags=re.M)
+
+
+# ---- generate ---------------------------------------------------------------------------------------------
+
+def test_model_emits_varied_words(loaded):
+    """Guard for the fixture: greedy text is several different words, so equality checks mean something."""
+    model, tok = loaded
+    text = api_text(model, tok, "Hello")
+    assert len(set(text.split())) >= 3, text
+    assert api_text(model, tok, "Hello") == text
+
+
+def test_generate_stdout_is_only_the_new_text(model_dir, loaded):
+    model, tok = loaded
+    r = run_cli("generate", "--model", model_dir, "--prompt", "Hello", "--max-new-tokens", 6)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == api_text(model, tok, "Hello", max_new_tokens=6)
+    assert r.stdout.strip()
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("extra, kw", [
+    ([], {}),  # max_new_tokens from generation_config.json
+    (["--chat"], dict(chat=True)),
+    (["--chat", "--system", "You are a pirate."], dict(chat=True, system="You are a pirate.")),
+], ids=["plain", "chat", "chat-system"])
+def test_generate_matches_python_api(capsys, model_dir, loaded, extra, kw):
+    model, tok = loaded
+    rc, out, err = run_main(capsys, "generate", "--model", model_dir, "--prompt", "Write a poem", *extra)
+    assert rc == 0, err
+    assert out == api_text(model, tok, "Write a poem", **kw)
+    assert len(tok.encode(out)) <= MAX_NEW
+
+
+def test_generate_chat_applies_template(capsys, model_dir, loaded):
+    model, tok = loaded
+    _, plain, _ = run_main(capsys, "generate", "--model", model_dir, "--prompt", "Hello")
+    _, chat, _ = run_main(capsys, "generate", "--model", model_dir, "--prompt", "Hello", "--chat")
+    assert chat == api_text(model, tok, "Hello", chat=True)
+    assert chat != plain
+
+
+def test_generate_prompt_from_stdin(capsys, monkeypatch, model_dir, loaded):
+    model, tok = loaded
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello"))
+    rc, out, err = run_main(capsys, "generate", "--model", model_dir, "--prompt", "-", "--max-new-tokens", 4)
+    assert rc == 0, err
+    assert out == api_text(model, tok, "Hello", max_new_tokens=4)
+
+
+def test_generate_max_new_tokens(capsys, model_dir, loaded):
+    model, tok = loaded
+    [new] = qwen2_pure.generate(model, [tok.encode("Hello")], max_new_tokens=3, stop_token_ids=tok.stop_token_ids)
+    assert len(new) == 3  # no stop token hit: exactly 3 tokens
+    rc, out3, _ = run_main(capsys, "generate", "-m", model_dir, "-p", "Hello", "--max-new-tokens", 3)
+    assert rc == 0
+    assert out3 == tok.decode(new, skip_special_tokens=True)
+    _, out6, _ = run_main(capsys, "generate", "-m", model_dir, "-p", "Hello", "--max-new-tokens", 6)
+    assert out6.startswith(out3) and len(out6) > len(out3)
+
+
+def test_generate_seed_reproducible(capsys, model_dir, loaded):
+    model, tok = loaded
+    args = ("generate", "--model", model_dir, "--prompt", "Hello", *SAMPLE)
+    a = run_main(capsys, *args, "--seed", 1)
+    b = run_main(capsys, *args, "--seed", 1)
+    assert a[0] == b[0] == 0
+    assert a[1] == b[1] == api_text(model, tok, "Hello", temperature=1.0, top_k=10, seed=1)
+    others = {run_main(capsys, *args, "--seed", s)[1] for s in (2, 3)}
+    assert others - {a[1]}, "a different seed should give a different sample"
+    # sampling really happens: the seeded samples are not all the greedy text
+    assert ({a[1]} | others) - {api_text(model, tok, "Hello")}
+
+
+def test_generate_stop_string(capsys, model_dir, loaded):
+    model, tok = loaded
+    full = api_text(model, tok, "Hello")
+    # a word whose first occurrence is not at the start, so the truncated text is non-empty
+    stop = next(f" {w}" for w in full.split() if full.index(f" {w}") > 0)
+    expected = full[:full.index(stop)]
+    assert expected and expected != full
+    rc, out, err = run_main(capsys, "generate", "-m", model_dir, "-p", "Hello", "--stop", stop)
+    assert rc == 0, err
+    assert out == expected
+    # several --stop: the earliest wins; one that never occurs changes nothing
+    rc, out, _ = run_main(capsys, "generate", "-m", model_dir, "-p", "Hello", "--stop", "zzz-never", "--stop", stop)
+    assert out == expected
+    _, out, _ = run_main(capsys, "generate", "-m", model_dir, "-p", "Hello", "--stop", "zzz-never")
+    assert out == full
+
+
+def test_generate_invalid_sampling_value_subprocess(model_dir):
+    r = run_cli("generate", "--model", model_dir, "--prompt", "Hello", "--top-p", "1.5")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert "Traceback" not in r.stderr
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "top_p" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("flag, value, name", [
+    ("--temperature", "-1", "temperature"), ("--temperature", "nan", "temperature"), ("--top-k", "-1", "top_k"),
+    ("--min-p", "2", "min_p"),
+    ("--repetition-penalty", "0", "repetition_penalty"), ("--max-new-tokens", "0", "max_new_tokens"),
+])
+def test_generate_invalid_sampling_values(capsys, model_dir, flag, value, name):
+    rc, out, err = run_main(capsys, "generate", "--model", model_dir, "--prompt", "Hello", flag, value)
+    assert rc == 2 and out == ""
+    lines = error_lines(err)
+    assert len(lines) == 1 and name in lines[0], err
+
+
+def test_generate_missing_model(tmp_path):
+    missing = tmp_path / "no-such-model"
+    r = run_cli("generate", "--model", missing, "--prompt", "Hello")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "no such folder or file" in lines[0], r.stderr
+
+
+def test_generate_prompt_longer_than_context(capsys, short_dir):
+    rc, out, err = run_main(capsys, "generate", "--model", short_dir, "--prompt", " the" * 40)
+    assert rc == 2 and out == ""
+    lines = error_lines(err)
+    assert len(lines) == 1 and "context" in lines[0] and "24" in lines[0], err
+
+
+def test_generate_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate"])  # --prompt is required
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "x", "--top-k", "many"])
+    assert e.value.code == 2
+
+
+# ---- chat (in-process) ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", [":help", ":h"])
+def test_chat_help(loaded, cmd):
+    rc, out, s = run_chat(*loaded, [cmd])
+    assert rc == 0
+    assert HELP in out
+    assert not s.history
+
+
+@pytest.mark.parametrize("cmd", [":exit", ":quit", ":q"])
+def test_chat_exit(loaded, cmd):
+    rc, out, _ = run_chat(*loaded, [cmd, ":seed"])
+    assert rc == 0
+    assert "Current random seed" not in out  # nothing after the exit command is read
+
+
+def test_chat_eof_and_ctrl_c_at_prompt(loaded):
+    rc, out, _ = run_chat(*loaded, [])
+    assert rc == 0 and out.startswith("Welcome to qwen2-pure chat")
+    rc, _, _ = run_chat(*loaded, [KeyboardInterrupt()])
+    assert rc == 1  # as cli_demo: Ctrl-C at the prompt exits with status 1
+
+
+@pytest.mark.parametrize("cmd", [":clear", ":cl"])
+def test_chat_clear_keeps_history(loaded, cmd):
+    rc, out, s = run_chat(*loaded, ["Hello", cmd, ":his"])
+    assert rc == 0
+    assert out.count("Welcome to qwen2-pure chat") == 2
+    assert "\033[2J" not in out  # not a terminal: no escape codes
+    assert len(s.history) == 1 and " History (1) " in out
+
+
+@pytest.mark.parametrize("cmd", [":clear-history", ":clh"])
+def test_chat_clear_history(loaded, cmd):
+    rc, out, s = run_chat(*loaded, ["Hello", "How are you?", cmd, cmd])
+    assert rc == 0
+    assert "[INFO] All 2 history cleared" in out
+    assert "[INFO] All 0 history cleared" in out
+    assert s.history == []
+
+
+@pytest.mark.parametrize("cmd", [":history", ":his"])
+def test_chat_history(loaded, cmd):
+    rc, out, s = run_chat(*loaded, [cmd, "Hello", "How are you?", cmd])
+    assert rc == 0
+    assert re.search(r"^=+ History \(0\) =+$", out, flags=re.M)
+    assert re.search(r"^=+ History \(2\) =+$", out, flags=re.M)
+    (q0, a0), (q1, a1) = s.history
+    assert (q0, q1) == ("Hello", "How are you?")
+    assert answers(out) == [a0, a1]
+    listing = out[out.index(" History (2) "):]
+    assert f"User[0]: Hello\nQwen[0]: {a0}\nUser[1]: How are you?\nQwen[1]: {a1}\n" in listing
+    assert re.search(r"^=+$", listing, flags=re.M)  # closing rule
+
+
+def test_chat_seed(loaded):
+    rc, out, s = run_chat(*loaded, [":seed", ":seed 7", ":seed", ":seed x"])
+    assert rc == 0
+    assert "[INFO] Current random seed: 1234" in out
+    assert "[INFO] Random seed changed to 7" in out
+    assert "[INFO] Current random seed: 7" in out
+    assert "[WARNING] Fail to change random seed: 'x' is not a valid number" in out
+    assert s.seed == 7
+
+
+def test_chat_conf(loaded):
+    rc, out, s = run_chat(*loaded, [":conf"])
+    assert f"max_new_tokens = {MAX_NEW}" in out  # generation_config.json's value
+    defaults = dict(s.conf)
+
+    rc, out, s = run_chat(*loaded, [":conf temperature=0.5 top_k=3", ":conf"])
+    assert "[INFO] Change config: temperature = 0.5" in out
+    assert "[INFO] Change config: top_k = 3" in out
+    assert s.conf["temperature"] == 0.5 and s.conf["top_k"] == 3 and s.conf["do_sample"] is True
+    assert re.search(r"^temperature = 0\.5$", out, flags=re.M)  # the second :conf lists the new values
+    assert re.search(r"^top_k = 3$", out, flags=re.M)
+
+    rc, out, s = run_chat(*loaded, [":conf x", ":conf =1", ":conf nucleus=0.9", ":conf top_p=2", ":conf top_p=0.5",
+                                    ":reset-conf"])
+    assert out.count("[WARNING] format: <key>=<value>") == 2
+    assert "[WARNING] Unknown setting 'nucleus'" in out
+    warning = next(ln for ln in out.splitlines() if ln.startswith("[WARNING] top_p"))
+    assert "top_p=2" in warning and "invalid" in warning
+    assert "[INFO] Change config: top_p = 0.5" in out
+    assert "[INFO] Reset generation config" in out
+    assert s.conf == defaults
+    after = out.split("[INFO] Reset generation config\n")[1]
+    assert re.search(rf"^max_new_tokens = {MAX_NEW}$", after, flags=re.M)  # the settings are reprinted
+    # keys the file does not set are listed with transformers' defaults, and greedy decoding is said plainly
+    assert re.search(r"^top_k = 50 \(default\)$", after, flags=re.M)
+    assert "(do_sample is off: answers are greedy)" in after
+
+
+def test_chat_conf_never_evaluates_code(loaded, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "system", lambda *a: calls.append(a) or 0)
+    marker = tmp_path / "pwned"
+    payloads = [":conf temperature=__import__('os').system('echo pwned')",
+                f":conf temperature=__import__('pathlib').Path({str(marker)!r}).touch()",
+                ":conf top_k=len('abc')"]
+    rc, out, s = run_chat(*loaded, payloads)
+    assert rc == 0
+    assert calls == [] and not marker.exists()
+    assert "[INFO] Change config" not in out
+    assert out.count("[WARNING]") >= len(payloads)
+    assert s.conf == s.defaults
+
+
+def test_chat_conf_literals(loaded):
+    rc, out, s = run_chat(*loaded, [":conf do_sample=true", ":conf repetition_penalty=1.1", ":conf temperature=0"])
+    assert s.conf["repetition_penalty"] == 1.1
+    assert s.conf["temperature"] == 0 and s.conf["do_sample"] is False  # temperature 0 = greedy
+    assert "[INFO] Change config: do_sample = True" in out
+    # a negative temperature is rejected, not taken as "greedy"
+    rc, out, s = run_chat(*loaded, [":conf temperature=-1"])
+    assert "[WARNING] temperature=" in out and "invalid" in out
+    assert s.conf == s.defaults
+
+
+def test_chat_empty_query(loaded):
+    rc, out, s = run_chat(*loaded, ["", "   "])
+    assert rc == 0
+    assert out.count("[ERROR] Query is empty") == 2
+    assert not s.history and "Qwen: " not in out
+
+
+def test_chat_unknown_command_is_a_query(loaded):
+    rc, out, s = run_chat(*loaded, [":foo"])
+    assert len(s.history) == 1 and s.history[0][0] == ":foo"
+    assert answers(out) == [s.history[0][1]]
+
+
+def test_chat_history_feeds_the_next_prompt(loaded, monkeypatch):
+    model, tok = loaded
+    prompts = []
+    real = generation.stream_text
+
+    def spy(model, tokenizer, prompt, **kw):
+        prompts.append(list(prompt))
+        return real(model, tokenizer, prompt, **kw)
+
+    monkeypatch.setattr(generation, "stream_text", spy)
+    rc, out, s = run_chat(model, tok, ["What is 2+2?", "And 3+3?"])
+    assert rc == 0 and len(prompts) == 2 and len(s.history) == 2
+    (q0, a0), (q1, a1) = s.history
+    assert a0 and answers(out) == [a0, a1]
+    # the first answer is what the Python API gives for the templated first query
+    assert a0 == api_text(model, tok, q0, chat=True)
+    first, second = tok.decode(prompts[0]), tok.decode(prompts[1])
+    assert second.startswith(first)
+    assert f"<|im_start|>user\n{q0}<|im_end|>\n<|im_start|>assistant\n{a0}<|im_end|>\n" in second
+    assert second.endswith(f"<|im_start|>user\n{q1}<|im_end|>\n<|im_start|>assistant\n")
+    assert s.messages("next") == [
+        {"role": "user", "content": q0}, {"role": "assistant", "content": a0},
+        {"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+        {"role": "user", "content": "next"}]
+
+
+def test_chat_system_message(loaded):
+    model, tok = loaded
+    _, _, s = run_chat(model, tok, ["Hello"], system="You are a pirate.")
+    assert s.history[0][1] == api_text(model, tok, "Hello", chat=True, system="You are a pirate.")
+    assert s.messages("x")[0] == {"role": "system", "content": "You are a pirate."}
+
+
+def test_chat_seed_reproducible(loaded):
+    model, tok = loaded
+    q = "Tell me a story"
+    rc, out, s = run_chat(model, tok, [":conf temperature=1.0 top_k=10", q, ":clh", q, ":clh",
+                                       ":seed 1", q, ":clh", ":seed 2", q, ":clh", ":seed 1234", q])
+    a = answers(out)
+    assert len(a) == 5
+    assert a[0] == a[1] == a[4]  # the seed is reset before every answer
+    assert a[0] == api_text(model, tok, q, chat=True, temperature=1.0, top_k=10, seed=1234)
+    assert {a[2], a[3]} - {a[0]}, "other seeds should give other answers"
+
+
+def test_chat_ctrl_c_interrupts_the_answer(loaded, monkeypatch):
+    model, tok = loaded
+    _, _, fresh = run_chat(model, tok, ["Hello"])
+    expected = fresh.history[0][1]
+
+    calls = {"n": 0}
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # prefill + 2 decode steps run: 3 tokens are out when Ctrl-C arrives
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    rc, out, s = run_chat(model, tok, ["Hello", ":his", "Hello"])
+    assert rc == 0
+    assert "[WARNING] Generation interrupted" in out
+    partial = out.split("Qwen: ", 1)[1].split("\n[WARNING] Generation interrupted", 1)[0]
+    assert partial and expected.startswith(partial) and partial != expected
+    assert " History (0) " in out  # the interrupted turn was not saved
+    assert s.history == [("Hello", expected)]  # and the next query is answered as if it never happened
+    assert answers(out)[-1] == expected
+
+
+def test_chat_conversation_longer_than_context(short_dir):
+    model, tok = qwen2_pure.load_model(short_dir), qwen2_pure.load_tokenizer(short_dir)
+    rc, out, s = run_chat(model, tok, ["the " * 40, ":seed"])
+    assert rc == 0
+    assert "[ERROR] The conversation" in out and "context of 24 tokens" in out
+    assert "[INFO] Current random seed: 1234" in out  # the session goes on
+    assert not s.history
+
+
+# ---- chat (subprocess, stdin piped) -----------------------------------------------------------------------
+
+def test_chat_subprocess(model_dir, loaded):
+    model, tok = loaded
+    _, _, ref = run_chat(model, tok, ["Hello", ":foo"])
+    (_, a_hello), (_, a_foo) = ref.history
+    script = [
+        ":h", ":help", ":seed", ":seed 7", ":seed x", ":seed 1234",
+        ":conf", ":conf temperature=0.5 top_k=3", ":conf x",
+        ":conf temperature=__import__('os').system('echo pwned')", ":conf top_p=2", ":reset-conf",
+        "", "Hello", ":foo", ":his", ":history", ":clh", ":clear-history", ":cl", ":clear",
+    ]  # then EOF
+    r = run_cli("chat", "--model", model_dir, stdin="\n".join(script) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    out = r.stdout
+    assert out.count(HELP) == 2
+    for msg in ["[INFO] Current random seed: 1234", "[INFO] Random seed changed to 7",
+                "[WARNING] Fail to change random seed: 'x' is not a valid number",
+                "[INFO] Random seed changed to 1234", f"max_new_tokens = {MAX_NEW}",
+                "[INFO] Change config: temperature = 0.5", "[INFO] Change config: top_k = 3",
+                "[WARNING] format: <key>=<value>", "[INFO] Reset generation config", "[ERROR] Query is empty",
+                f"Qwen: {a_hello}\n", f"Qwen: {a_foo}\n", f"User[0]: Hello\nQwen[0]: {a_hello}\n",
+                "User[1]: :foo\n", "[INFO] All 2 history cleared", "[INFO] All 0 history cleared"]:
+        assert msg in out, msg
+    assert "pwned" not in out.replace("'echo pwned'", "").replace("echo pwned", "")
+    assert not re.search(r"^pwned$", out, flags=re.M)
+    assert "[WARNING] top_p=2" in out  # piped stdin: the message follows the "User> " prompt on its line
+    assert out.count("User> ") == len(script) + 1  # one prompt per line, plus the one that hit EOF
+    assert out.count("Welcome to qwen2-pure chat") == 3
+    assert out.count(" History (2) ") == 2
+
+
+# ---- convert ----------------------------------------------------------------------------------------------
+
+def test_convert(capsys, tiny_gguf, tmp_path):
+    out_dir = tmp_path / "converted"
+    rc, out, err = run_main(capsys, "convert", tiny_gguf, out_dir)
+    assert rc == 0, err
+    assert out == ""
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
+        assert (out_dir / name).is_file(), name
+    # the folder is a model the CLI runs, and gives the same text as the GGUF it came from
+    rc, from_dir, err = run_main(capsys, "generate", "-m", out_dir, "-p", "the", "--max-new-tokens", 4)
+    assert rc == 0, err
+    rc, from_gguf, err = run_main(capsys, "generate", "-m", tiny_gguf, "-p", "the", "--max-new-tokens", 4)
+    assert rc == 0, err
+    assert from_dir == from_gguf
+
+
+def test_convert_into_nonempty_folder(capsys, tiny_gguf, tmp_path):
+    out_dir = tmp_path / "taken"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    rc, out, err = run_main(capsys, "convert", tiny_gguf, out_dir)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(out_dir) in lines[0] and "not empty" in lines[0], err
+    assert "--overwrite" in lines[0]  # the CLI's flag, not the Python keyword
+    assert (out_dir / "keep.txt").read_text() == "mine" and len(list(out_dir.iterdir())) == 1
+    rc, _, err = run_main(capsys, "convert", tiny_gguf, out_dir, "--overwrite")
+    assert rc == 0, err
+    assert (out_dir / "config.json").is_file()
+
+
+def test_convert_missing_input(capsys, tmp_path):
+    rc, out, err = run_main(capsys, "convert", tmp_path / "nope.gguf", tmp_path / "out")
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and "nope.gguf" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_module_help_lists_commands():
+    help_text = cli.build_parser().format_help()
+    for cmd in ("generate", "chat", "convert"):
+        assert cmd in help_text
