@@ -39,7 +39,7 @@ _INERT_KEYS = {
     "suppress_tokens", "begin_suppress_tokens",
 }
 _MODEL_TYPES = ("qwen2",)
-_ROPE_TYPES = ("default",)
+_ROPE_TYPES = ("default", "linear", "yarn")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -142,6 +142,9 @@ class Qwen2Config:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in _ROPE_TYPES:
                 bad("rope_scaling", f"has type {kind!r}, which is not supported (supported: {', '.join(_ROPE_TYPES)})")
+            factor = self.rope_scaling.get("factor")
+            if kind != "default" and (not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0):
+                bad("rope_scaling", f"needs a positive 'factor' for type {kind!r}")
         if self.torch_dtype is not None and self.torch_dtype not in _DTYPES:
             bad("torch_dtype", f"is not one of {', '.join(_DTYPES)}")
         if self.attention_dropout not in (0, 0.0):

@@ -17,6 +17,7 @@ Parameter names are Hugging Face's, so a checkpoint loads as an identity map and
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,6 +40,51 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+def rope_frequencies(cfg: Qwen2Config) -> tuple[torch.Tensor, float]:
+    """inv_freq (D/2,) in fp32 and the factor cos/sin are multiplied by, per `rope_scaling`.
+
+    default: theta^(-2i/D). linear: positions divided by `factor`. yarn (what Qwen2's model cards configure
+    for 128K: factor 4 over an original 32768): high frequencies (dims that rotate more than beta_fast times
+    over the original context) stay as they are, low ones (fewer than beta_slow rotations) are interpolated
+    by `factor`, a linear ramp blends the dims between; cos/sin are scaled by 0.1 ln(factor) + 1 to keep
+    attention entropy in check (transformers 5.x `_compute_yarn_parameters`).
+    """
+    d, base = cfg.head_dim, cfg.rope_theta
+    dims = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d
+    inv_freq = 1.0 / (base ** dims)
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        return inv_freq / rs["factor"], 1.0
+    if kind != "yarn":
+        return inv_freq, 1.0
+    factor = rs["factor"]
+    original = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    mscale = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            attention_factor = mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations):  # the dim whose wavelength fits `rotations` times in the original context
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2, device="cpu").float() / d)
+    extrapolate = 1 - ramp  # 1 for high-frequency dims (kept), 0 for low-frequency ones (interpolated)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention_factor)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for positions, computed on the fly in fp32.
 
@@ -48,8 +94,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
-        d = cfg.head_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+        self.inv_freq, self.attention_scaling = rope_frequencies(cfg)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # position_ids: (B, T) -> cos, sin: (B, T, D)
@@ -58,7 +103,10 @@ class RotaryEmbedding(nn.Module):
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = (self.inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): the two halves share frequencies
-            return emb.cos().to(dtype), emb.sin().to(dtype)
+            cos, sin = emb.cos(), emb.sin()
+            if self.attention_scaling != 1.0:
+                cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+            return cos.to(dtype), sin.to(dtype)
 
 
 class Attention(nn.Module):

@@ -464,16 +464,16 @@ def test_config_json_not_an_object(tmp_path, base_sd, base_cfg):
     ({"model_type": "llama"}, ["model_type", "llama"]),
     ({"model_type": None}, ["model_type"]),
     ({"sliding_windw": 4096}, ["sliding_windw"]),
-    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
-     ["rope_scaling", "yarn"]),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}, ["rope_scaling", "linear"]),
+    ({"rope_scaling": {"type": "longrope", "factor": 4.0, "original_max_position_embeddings": 32768}},
+     ["rope_scaling", "longrope"]),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}, ["rope_scaling", "dynamic"]),
     ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, ["quantiz", "gptq"]),
     ({"quantization_config": {"quant_method": "awq"}}, ["quantiz", "awq"]),
     ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
     ({"dtype": "float8"}, ["torch_dtype", "float8"]),
     ({"num_key_value_heads": 3}, ["num_attention_heads", "num_key_value_heads=3"]),
     ({"attention_dropout": 0.1}, ["attention_dropout"]),
-], ids=["llama", "no-model_type", "unknown-key", "rope-yarn", "rope_parameters-linear", "gptq", "awq",
+], ids=["llama", "no-model_type", "unknown-key", "rope-longrope", "rope_parameters-dynamic", "gptq", "awq",
         "gelu", "bad-dtype", "heads-not-divisible", "dropout"])
 def test_bad_config_names_the_key(tmp_path, base_sd, base_cfg, change, parts):
     cfg = {**base_cfg, **change}

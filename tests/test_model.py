@@ -147,3 +147,19 @@ def test_sliding_window_matches_transformers(tmp_path):
 def test_rope_tables_stay_fp32_after_to_bf16(ckpt):
     ours = q.load_model(ckpt).to(torch.bfloat16)
     assert ours.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},  # Qwen2's model-card recipe, scaled
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 48, "beta_fast": 16, "beta_slow": 2},
+    {"rope_type": "linear", "factor": 2.0},
+], ids=["yarn-4", "yarn-2-betas", "linear-2"])
+def test_rope_scaling_matches_transformers(tmp_path, scaling):
+    make_hf_checkpoint(tmp_path, max_pos=256, rope_parameters={"rope_theta": 1e6, **scaling})
+    ours, hf = q.load_model(tmp_path), load_hf(tmp_path)
+    assert ours.config.rope_scaling["rope_type"] == scaling["rope_type"]
+    x = ids(1, 150, seed=12)  # past the "original" context, where the scaling matters
+    torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-5)
+    # the scaling really changes the model (positions past the original context differ)
+    plain = make_hf_checkpoint(tmp_path / "plain", max_pos=256)
+    assert (q.load_model(tmp_path / "plain")(x) - ours(x)).abs().max() > 1e-2
