@@ -3,7 +3,8 @@
 The field names are the `config.json` keys, so a config is `Qwen2Config.from_dict(json.load(f))`.
 Newer files (transformers >= 4.56 / 5.x) spell a few keys differently — `dtype` for `torch_dtype`,
 `rope_parameters` for `rope_theta` + `rope_scaling`, an explicit `layer_types` list — and both spellings
-are accepted. Nothing is ever inferred from a model's name.
+are accepted. Nothing is ever inferred from a model's name. One class serves dense `qwen2` and mixture-of-experts
+`qwen2_moe` files; `is_moe_layer(i)` says which MLP layer i has.
 
 A key we do not know, or a value we cannot honour (an unknown `rope_scaling` type, an activation other
 than SiLU, a quantization config), is an error naming the key: silently ignoring it would run a
@@ -37,8 +38,13 @@ _INERT_KEYS = {
     "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens",
+    # MoE training-only: the load-balancing loss weight and whether forward returns router logits
+    "router_aux_loss_coef", "output_router_logits",
 }
-_MODEL_TYPES = ("qwen2",)
+_MODEL_TYPES = ("qwen2", "qwen2_moe")
+# Qwen2-MoE sizes that must be written out: transformers would fill them with Qwen1.5-MoE-A2.7B's values
+_MOE_REQUIRED = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+_MOE_FIELDS = _MOE_REQUIRED + ("norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "qkv_bias")
 _ROPE_TYPES = ("default", "linear", "yarn")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,6 +73,16 @@ class Qwen2Config:
     eos_token_id: Any = None
     pad_token_id: Optional[int] = None
     model_type: str = "qwen2"
+    # Qwen2-MoE (model_type qwen2_moe; num_experts 0 = dense). A qwen2_moe file must give the four sizes;
+    # the other defaults are transformers' Qwen2MoeConfig's.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # False for Qwen2-57B-A14B: the top-k weights are used as they are, sum < 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    qkv_bias: bool = True
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # inert keys, kept for round trips
 
     # ---- construction ---------------------------------------------------------------------------
@@ -97,8 +113,16 @@ class Qwen2Config:
         if unknown:
             raise Qwen2PureError(f"{source}: unknown or unsupported config keys: {', '.join(unknown)}")
         kwargs = {k: v for k, v in d.items() if k in names}
-        if kwargs.get("layer_types") is not None:
-            kwargs["layer_types"] = tuple(kwargs["layer_types"])
+        if model_type == "qwen2_moe":
+            absent = [k for k in _MOE_REQUIRED if k not in kwargs]
+            if absent:
+                raise Qwen2PureError(f"{source}: a qwen2_moe config needs {', '.join(absent)} "
+                                     "(transformers would fill in Qwen1.5-MoE-A2.7B's values; write them out)")
+        if "mlp_only_layers" in kwargs and kwargs["mlp_only_layers"] is None:
+            kwargs["mlp_only_layers"] = ()  # transformers reads null as []
+        for key in ("layer_types", "mlp_only_layers"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
         cfg = cls(**kwargs, extra={k: v for k, v in d.items() if k in _INERT_KEYS})
         cfg.validate(source)
         return cfg
@@ -119,8 +143,13 @@ class Qwen2Config:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d["layer_types"] = list(self.layer_types) if self.layer_types else None
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        if self.model_type == "qwen2":  # a dense file keeps its keys; transformers' Qwen2Config knows no MoE fields
+            for f in dataclasses.fields(self):
+                if f.name in _MOE_FIELDS:
+                    del d[f.name]
         d = {**self.extra, **{k: v for k, v in d.items() if v is not None or k in ("sliding_window",)}}
-        d.setdefault("architectures", ["Qwen2ForCausalLM"])
+        d.setdefault("architectures", ["Qwen2MoeForCausalLM" if self.model_type == "qwen2_moe" else "Qwen2ForCausalLM"])
         return d
 
     def validate(self, source: str = "config.json") -> None:
@@ -159,6 +188,38 @@ class Qwen2Config:
             odd = set(self.layer_types) - {"full_attention", "sliding_attention"}
             if odd:
                 bad("layer_types", f"contains unknown types {sorted(odd)}")
+        self._validate_moe(bad)
+
+    def _validate_moe(self, bad) -> None:
+        if self.model_type == "qwen2":
+            # transformers' Qwen2ForCausalLM ignores these keys; honouring them would run another model
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for key in _MOE_FIELDS:
+                if getattr(self, key) != defaults[key]:
+                    bad(key, "is a Qwen2-MoE setting; a model_type 'qwen2' file must not set it "
+                             "(use model_type 'qwen2_moe')")
+            return
+        if not isinstance(self.qkv_bias, bool):
+            bad("qkv_bias", "must be true or false")
+        if not isinstance(self.norm_topk_prob, bool):
+            bad("norm_topk_prob", "must be true or false")
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:
+            bad("num_experts", "must be an integer >= 0 (0 = every layer dense)")
+        if not isinstance(self.mlp_only_layers, tuple):
+            bad("mlp_only_layers", "must be a list of layer indices")
+        if self.num_experts == 0:
+            return
+        for key in ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                    "decoder_sparse_step"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(key, "must be a positive integer")
+        if self.num_experts_per_tok > self.num_experts:
+            bad("num_experts_per_tok", f"exceeds num_experts={self.num_experts} (each token picks that many experts)")
+        odd = [i for i in self.mlp_only_layers
+               if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_hidden_layers]
+        if odd:
+            bad("mlp_only_layers", f"has entries {odd} that are not layer indices 0..{self.num_hidden_layers - 1}")
 
     # ---- derived values --------------------------------------------------------------------------
     @property
@@ -185,7 +246,18 @@ class Qwen2Config:
             return None
         if self.layer_types is not None:
             return self.window if self.layer_types[i] == "sliding_attention" else None
+        if self.model_type == "qwen2_moe":  # transformers 5.x Qwen2MoeConfig: even layers below max_window_layers
+            return self.window if i % 2 == 0 and i < self.max_window_layers else None
         return self.window if i >= self.max_window_layers else None
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i's MLP is the sparse mixture of experts (else the dense SwiGLU of `intermediate_size`).
+
+        transformers' rule: not listed in `mlp_only_layers`, experts configured, and every
+        `decoder_sparse_step`-th layer counting from 1. Every layer of Qwen2-57B-A14B is MoE.
+        """
+        return (i not in self.mlp_only_layers and self.num_experts > 0
+                and (i + 1) % self.decoder_sparse_step == 0)
 
     @property
     def eos_ids(self) -> list[int]:

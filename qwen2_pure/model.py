@@ -1,6 +1,7 @@
 """The Qwen2 decoder, top to bottom.
 
-Architecture facts (Qwen2 / Qwen2.5 dense, `Qwen2ForCausalLM`; reference: transformers `modeling_qwen2.py`):
+Architecture facts (Qwen2 / Qwen2.5 dense, `Qwen2ForCausalLM`; reference: transformers `modeling_qwen2.py`,
+and `modeling_qwen2_moe.py` for the mixture of experts):
 - pre-norm decoder: h += o_proj(attn(RMSNorm(h))); h += mlp(RMSNorm(h)); logits = lm_head(RMSNorm(h))
 - RMSNorm computes in fp32 and casts back to the activation dtype *before* the multiply by its weight
 - RoPE: split-halves ("rotate_half") convention, inv_freq = theta^(-2i/D) in fp32 (theta = 1e6 in every
@@ -8,10 +9,15 @@ Architecture facts (Qwen2 / Qwen2.5 dense, `Qwen2ForCausalLM`; reference: transf
 - grouped-query attention: H_q query heads share H_kv key/value heads, query head j reads KV head j // n_rep;
   q_proj, k_proj and v_proj carry a bias, o_proj does not; scale 1/sqrt(D); softmax in fp32
 - SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases
+- Qwen2-MoE (`qwen2_moe`, e.g. 57B-A14B) swaps the MLP of the layers `config.is_moe_layer(i)` names for a
+  sparse block: a router softmax over *all* experts in fp32, the top-k weights used as they are (no
+  renormalization unless `norm_topk_prob`), plus an always-on shared expert scaled by sigmoid(gate(x));
+  q/k/v biases follow `qkv_bias`
 - no embedding scaling; lm_head tied to embed_tokens for the small sizes (`tie_word_embeddings`)
 - optional sliding-window attention on layers >= max_window_layers (off in every official checkpoint)
 
-Shapes: B batch, T new tokens, S keys visible (cache length), H_q / H_kv heads, D head_dim, n_rep = H_q // H_kv.
+Shapes: B batch, T new tokens, S keys visible (cache length), H_q / H_kv heads, D head_dim, n_rep = H_q // H_kv;
+N = B*T tokens, E experts, k experts per token.
 Parameter names are Hugging Face's, so a checkpoint loads as an identity map and peft names line up.
 """
 
@@ -114,9 +120,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], input_pos):
@@ -133,14 +139,51 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Qwen2Config):
+    """SwiGLU: the dense layer's MLP, and each expert (and the shared expert) of a MoE layer."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class SparseMoeBlock(nn.Module):
+    """Qwen2-MoE's MLP: each token's k chosen experts, weighted by the router, plus a gated shared expert.
+
+    Experts are separate `MLP`s named as on disk (`experts.{e}.gate_proj`, ...), so loading stays an
+    identity map. Op order is transformers': routing weights are cast to the activation dtype, each
+    expert's output is scaled and then index_add-ed into zeros, experts in ascending order, an expert's
+    tokens gathered by pick then token. (CPU matmuls round a row differently depending on where it sits
+    in the batch; in this order fp32 logits equal transformers' eager experts bit for bit.)
+    """
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x):
+        B, T, H = x.shape
+        x = x.view(B * T, H)  # (N, H): routing is per token
+        # softmax over all E experts, then keep the k largest: without renormalization they sum to < 1
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():  # only the experts some token chose (sorted ascending)
+            slot, token = torch.where(chosen.T == e)  # (n_e,) each: which token chose e, as its slot-th pick
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(B, T, H)
 
 
 class DecoderLayer(nn.Module):
@@ -148,7 +191,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.window = cfg.layer_window(layer_idx)
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
