@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qwen2_pure as q  # noqa: E402
+import qwen2_pure as q  # the installed package (pip install -e .)
 
 
 def prompt_ids(tok, n: int) -> list[int]:

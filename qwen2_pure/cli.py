@@ -64,6 +64,37 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", help="input .gguf file")
     conv.add_argument("out_dir", help="output folder (created; must not exist or be empty)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    insp = sub.add_parser("inspect", help="parameters, FLOPs, weight and KV-cache bytes of a model (reads no weights)")
+    insp.add_argument("source", nargs="?", default=None,
+                      help="a preset named as the official repository (Qwen2-7B, Qwen/Qwen2.5-0.5B-Instruct, ...; "
+                           "see --list), a checkpoint folder or a config.json")
+    insp.add_argument("--compare", nargs="+", metavar="MODEL", default=None,
+                      help="side by side: `inspect A --compare B` or `inspect --compare A B`")
+    insp.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    insp.add_argument("--plot", metavar="FILE.png", default=None,
+                      help="also write a PNG: parameter breakdown, KV-cache bytes vs context (needs matplotlib)")
+    insp.add_argument("--tree", action="store_true", help="also print the module tree (built on the meta device)")
+    insp.add_argument("--context", type=int, default=None,
+                      help="context length T for FLOPs and KV bytes (default: max_position_embeddings)")
+    insp.add_argument("--dtype", default="bf16", help="KV-cache dtype: fp32, bf16, fp16 or int8 (default bf16)")
+    insp.add_argument("--list", action="store_true", help="list the built-in presets and exit")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page (needs the serve extra)")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    srv.add_argument("--api-key", default=os.environ.get("QWEN2_PURE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN2_PURE_API_KEY, else none)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model id clients send (default: the checkpoint's folder or file name)")
+    srv.add_argument("--slots", type=int, default=16, help="requests decoded together in one batch (default 16)")
+    srv.add_argument("--max-seq-len", type=int, default=None,
+                     help="prompt + answer tokens per request, i.e. KV-cache slots per row "
+                          "(default: the model's context, at most 4096)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests that may wait for a free slot; beyond that the server answers 429 (default 64)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
@@ -325,9 +356,61 @@ def cmd_chat(args) -> int:
     return ChatSession(model, tok, seed=args.seed, system=args.system).run()
 
 
+def cmd_inspect(args) -> int:
+    from . import inspect as insp
+    from .presets import PRESETS
+    if args.list:
+        for name, preset in PRESETS.items():
+            print(f"{name:<26}{preset['model_type']:<11}{preset['max_position_embeddings']:>7} ctx  "
+                  f"{preset['_provenance'][:80]}")
+        return 0
+    if args.compare is None:
+        if args.source is None:
+            raise Qwen2PureError("inspect needs a model: a preset name (see --list), a checkpoint folder or a "
+                                 "config.json")
+        sources = [args.source]
+    else:
+        sources = ([args.source] if args.source is not None else []) + args.compare
+        if len(sources) != 2:
+            raise Qwen2PureError(f"--compare compares two models (`inspect A --compare B` or `inspect --compare A B`); "
+                                 f"got {len(sources)}: {', '.join(sources)}")
+    if args.context is not None and args.context < 1:
+        raise Qwen2PureError(f"--context {args.context}: must be >= 1")
+    kv_dtype = insp.parse_dtype(args.dtype)
+    reports = [insp.inspect_config(s, context=args.context, kv_dtype=kv_dtype) for s in sources]
+    if args.plot:
+        print(f"wrote {insp.plot_reports(reports, args.plot)}", file=sys.stderr)
+    if args.json:
+        print(insp.report_json(reports))
+        return 0
+    if args.tree:
+        for s in sources:
+            d, name, _ = insp.load_source(s)
+            print(insp.module_tree(d, source=name), end="\n\n")
+    print(insp.format_compare(*reports) if len(reports) == 2 else insp.format_report(reports[0]))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise Qwen2PureError(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen2-pure[serve]\"") from None
+    if not 0 <= args.port <= 65535:
+        raise Qwen2PureError(f"--port {args.port}: must be in 0..65535")
+    from .serve.app import serve
+    model, tok = _load(args)
+    serve(model, tok, host=args.host, port=args.port, api_key=args.api_key or None,
+          model_name=args.served_model_name, slots=args.slots, max_seq_len=args.max_seq_len,
+          max_queue=args.max_queue, log_level=args.log_level)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert,
+               "inspect": cmd_inspect, "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except Qwen2PureError as e:

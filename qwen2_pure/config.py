@@ -93,6 +93,8 @@ class Qwen2Config:
         if model_type not in _MODEL_TYPES:
             raise Qwen2PureError(
                 f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(_MODEL_TYPES)})")
+        if d.pop("use_mrope", False):  # Qwen2.5 base files carry "use_mrope": false; true is Qwen2-VL's M-RoPE
+            raise Qwen2PureError(f"{source}: use_mrope=true (multimodal rotary embedding, Qwen2-VL) is not supported")
         if "quantization_config" in d:
             method = (d["quantization_config"] or {}).get("quant_method", "?")
             raise Qwen2PureError(

@@ -660,3 +660,13 @@ def test_peak_rss_while_loading_stays_near_weight_size(big_ckpt, stored):
         f"{stored} -> fp32: peak RSS grew by {grown / 1e6:.0f} MB for {fp32_bytes / 1e6:.0f} MB of weights "
         f"({grown / fp32_bytes:.2f}x)")
     assert grown >= 0.9 * fp32_bytes  # sanity: the weights really are resident
+
+
+def test_use_mrope_false_is_accepted_and_true_refused():
+    from qwen2_pure.config import Qwen2Config
+    from qwen2_pure.presets import get_preset, config_json
+    d = config_json(get_preset("Qwen2.5-7B"))
+    assert d.get("use_mrope") is False  # as in the official Qwen2.5 base config.json
+    assert Qwen2Config.from_dict(d).hidden_size == 3584
+    with pytest.raises(q.Qwen2PureError, match="use_mrope"):
+        Qwen2Config.from_dict({**d, "use_mrope": True})
