@@ -2,15 +2,64 @@
 
 Each function here is the PyTorch reference, written in transformers' exact op order so that fp32
 logits match it bit for bit on CPU (and bf16 ones too, where the order decides the rounding).
+
+Dispatch: on CUDA tensors the Triton kernels of `qwen2_pure.kernels` replace them, when triton is
+installed (`pip install qwen2-pure[kernels]`). `QWEN2_PURE_KERNELS=torch` forces the references everywhere,
+`QWEN2_PURE_KERNELS=triton` forces the kernels on any device (on a CPU that needs `TRITON_INTERPRET=1`, set
+before anything imports triton: Triton's interpreter, for tests). The kernels have no backward, so a call
+that needs gradients always takes the reference. triton is imported on first use, never at import time.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+_BACKENDS = ("auto", "torch", "triton")
+_kernels = None  # qwen2_pure.kernels once imported; False when triton is missing
+
+
+def _load_kernels():
+    global _kernels
+    if _kernels is None:
+        try:
+            from . import kernels as mod
+        except ImportError:
+            mod = False
+        _kernels = mod
+    return _kernels
+
+
+def backend() -> str:
+    """The QWEN2_PURE_KERNELS setting: auto (default), torch or triton."""
+    value = os.environ.get("QWEN2_PURE_KERNELS", "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(f"QWEN2_PURE_KERNELS={value!r}: expected one of {', '.join(_BACKENDS)}")
+    return value
+
+
+def _triton(*tensors: torch.Tensor):
+    """The kernels module when this call should run on Triton, else None."""
+    choice = backend()
+    if choice == "torch":
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if choice == "auto" and not tensors[0].is_cuda:
+        return None
+    mod = _load_kernels()
+    if not mod and choice == "triton":
+        raise ImportError("QWEN2_PURE_KERNELS=triton but triton is not installed: pip install 'qwen2-pure[kernels]'")
+    return mod or None
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    k = _triton(x, weight)
+    if k:
+        return k.rms_norm(x, weight, eps)
     # Normalize in fp32, cast back, *then* scale: multiplying in fp32 first moves bf16 logits by ~3e-2.
     dtype = x.dtype
     x32 = x.float()
@@ -26,7 +75,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    # q (B, H_q, T, D), k (B, H_kv, T, D); cos, sin (B, T, D) -> broadcast over heads
+    # q (B, H_q, T, D), k (B, H_kv, T, D); cos, sin (B, T, D) -> broadcast over heads.
+    # The Triton path rotates q and k in place (the model's are fresh projections nobody else reads).
+    kern = _triton(q, k)
+    if kern and q.stride(-1) == 1 and k.stride(-1) == 1:
+        return kern.rope_(q, k, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -40,6 +93,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """
     B, H_q, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
+    kern = _triton(q, k, v)
+    if kern and D in (16, 32, 64, 128, 256):
+        return _triton_attention(kern, q, k, v, mask, scale)
     n_rep = H_q // H_kv
     qg = q.reshape(B, H_kv, n_rep * T, D)  # (B, H_kv, n_rep*T, D)
     scores = torch.matmul(qg, k.transpose(2, 3)) * scale  # (B, H_kv, n_rep*T, S)
@@ -49,5 +105,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.view(B, H_q, T, D)
 
 
+def _triton_attention(kern, q, k, v, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The model's mask is additive, 0 or dtype-min, (B|1, 1, T, S). A decode step (T = 1) reads its one
+    row as the key padding of the split-KV decode kernel; a prefill hands it to the flash kernel as a bias
+    (exact for any mask: causal, padded, sliding window)."""
+    B, H_q, T, D = q.shape
+    S = k.shape[2]
+    if T == 1:
+        seqlens = torch.full((B,), S, dtype=torch.int32, device=q.device)
+        keep = None if mask is None else (mask[:, 0, 0, :] == 0).expand(B, S)
+        return kern.decode_attention(q[:, :, 0], k, v, seqlens, scale, key_padding=keep).unsqueeze(2)
+    if mask is None:
+        return kern.flash_attention(q, k, v, causal=True, sm_scale=scale)
+    return kern.flash_attention(q, k, v, causal=False, sm_scale=scale, attn_bias=mask)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    k = _triton(gate, up)
+    if k:
+        return k.swiglu(gate, up)
     return F.silu(gate) * up

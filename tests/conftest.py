@@ -177,3 +177,17 @@ def demo_tokenizer_dir(tmp_path_factory):
                                                encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2), encoding="utf-8")
     return out
+
+
+# ---- Triton kernels (tests/test_kernels.py) ----------------------------------------------------------------
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when qwen2_pure.kernels is first imported,
+# wherever in the pytest process that happens. Without a GPU, switch the interpreter on here, before any test
+# module is collected. (qwen2_pure itself never imports triton at import time.)
+
+import os as _os
+
+if "TRITON_INTERPRET" not in _os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        _os.environ["TRITON_INTERPRET"] = "1"

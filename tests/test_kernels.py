@@ -1,0 +1,262 @@
+"""The Triton kernels against their PyTorch references and torch SDPA.
+
+On a CPU they run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before anything
+imports triton); on a GPU (benchmarks/gpu_check.sh) the same tests run the compiled kernels. The
+interpreter is slow, so the grid is a chosen set of cases that covers every value of each axis — group
+sizes 1, 2, 7, 8; T and S in {1, 17, 64, 129}; head_dim 64 and 128; fp32, fp16 and bf16 — not their full
+product. Every buffer the kernels allocate is NaN-poisoned, so an element they fail to write fails the test.
+bf16 runs by upcast in the interpreter (its bf16 arithmetic is wrong), and its fp32 -> bf16 casts truncate,
+hence the looser bf16 tolerance.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+import qwen2_pure.kernels as K  # noqa: E402  (after the importorskip)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not K.INTERPRET:
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+if DEVICE == "cuda":
+    TOL[torch.float32] = 2e-5  # exp2 / reduction order on the GPU
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every torch.empty / empty_like made during a test comes back filled with NaN (ints with -1)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+    with torch.no_grad():
+        yield
+
+
+def rand(*shape, dtype, seed, layout_bthd=False):
+    g = torch.Generator().manual_seed(seed)
+    if layout_bthd:  # (B, T, H, D) transposed to (B, H, T, D): the model's non-contiguous q/k/v
+        b, h, t, d = shape
+        return torch.randn(b, t, h, d, generator=g).to(dtype).to(DEVICE).transpose(1, 2)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+def close(out, ref, dtype, what):
+    assert not out.isnan().any(), f"{what}: NaN in the output (an element was never written)"
+    tol = TOL[dtype]
+    err = (out.float() - ref.float()).abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+    return err
+
+
+# ---- prefill attention -------------------------------------------------------------------------------------
+# (H_q, H_kv, T, S, D, dtype, causal, padded): G = H_q // H_kv
+PREFILL = [
+    (4, 4, 1, 1, 64, torch.float32, True, False),  # G=1, a single token
+    (4, 2, 17, 17, 128, torch.float16, True, False),  # G=2
+    (14, 2, 64, 64, 64, torch.float32, True, False),  # G=7 (Qwen2-0.5B / 7B), full tiles
+    (8, 1, 129, 129, 128, torch.float16, True, False),  # G=8 (72B), ragged tail
+    (14, 2, 17, 129, 128, torch.float32, True, False),  # a prefill continuing a cache: bottom-right causal
+    (4, 2, 64, 129, 64, torch.bfloat16, True, False),  # bf16 by upcast
+    (8, 1, 64, 17, 64, torch.float32, False, False),  # non-causal, T > S
+    (2, 2, 129, 64, 128, torch.float16, False, False),
+    (14, 2, 17, 17, 64, torch.float32, True, True),  # left padding, ragged per row, one row fully real
+    (16, 2, 129, 129, 64, torch.float16, True, True),
+]
+
+
+def _pad_mask(B, S, seed):
+    lengths = [S, max(1, S // 3)][:B]
+    keep = torch.zeros(B, S, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        keep[b, S - n:] = True  # left padding: real tokens at the end
+    return keep.to(DEVICE)
+
+
+@pytest.mark.parametrize("hq,hkv,T,S,D,dtype,causal,padded", PREFILL,
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, bool) else None)
+def test_flash_attention(hq, hkv, T, S, D, dtype, causal, padded):
+    B = 2
+    q = rand(B, hq, T, D, dtype=dtype, seed=0, layout_bthd=True)
+    k = rand(B, hkv, S, D, dtype=dtype, seed=1, layout_bthd=True)
+    v = rand(B, hkv, S, D, dtype=dtype, seed=2)
+    keep = _pad_mask(B, S, 3) if padded else None
+    out = K.flash_attention(q, k, v, causal=causal, key_padding=keep)
+    assert out.shape == (B, hq, T, D) and out.dtype == dtype
+    ref = K.flash_attention_reference(q, k, v, causal=causal, key_padding=keep)
+    close(out, ref, dtype, "vs reference")
+    # torch SDPA in fp32 (the upcast inputs), GQA mapping j -> j // G
+    visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=DEVICE)
+    if causal:
+        visible &= torch.ones(T, S, dtype=torch.bool, device=DEVICE).tril(S - T)
+    if keep is not None:
+        visible &= keep[:, None, None, :]
+    sdpa = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible, enable_gqa=True)
+    seen = visible.any(-1, keepdim=True)  # SDPA gives NaN for a row that sees nothing; ours gives zeros
+    close(out.float().masked_fill(~seen, 0), sdpa.nan_to_num(0.0).masked_fill(~seen, 0), dtype, "vs SDPA")
+    if padded:
+        assert (out.float().masked_fill(seen, 0) == 0).all(), "a row that sees no key must be zeros"
+
+
+def test_flash_attention_with_the_models_additive_mask():
+    # what ops.attention hands the kernel for a prefill: dtype-min where masked, broadcast over batch
+    from qwen2_pure.model import attention_mask_4d
+    B, hq, hkv, T, S, D, dtype = 2, 7, 1, 17, 64, 64, torch.float16
+    q, k, v = (rand(B, h, n, D, dtype=dtype, seed=i) for i, (h, n) in enumerate([(hq, T), (hkv, S), (hkv, S)]))
+    padding = torch.ones(B, S, dtype=torch.long, device=DEVICE)
+    padding[1, :20] = 0
+    for pad, window in [(None, None), (padding, None), (padding, 24)]:
+        mask = attention_mask_4d(torch.arange(S - T, S, device=DEVICE), S, pad, window, dtype)
+        out = K.flash_attention(q, k, v, causal=False, attn_bias=mask)
+        close(out, K.flash_attention_reference(q, k, v, causal=False, attn_bias=mask), dtype, f"window={window}")
+
+
+# ---- decode attention ----------------------------------------------------------------------------------------
+# (H_q, H_kv, S_max, D, dtype, lengths, splits): lengths cover 1 and S_max; splits past a length stay empty
+DECODE = [
+    (4, 4, 17, 64, torch.float32, [1, 17, 9], None),  # G=1
+    (4, 2, 64, 128, torch.float16, [64, 1, 33], 3),  # G=2
+    (14, 2, 129, 128, torch.float32, [1, 129, 100], 4),  # G=7
+    (8, 1, 129, 64, torch.bfloat16, [129, 2, 64], None),  # G=8
+    (28, 4, 1, 64, torch.float16, [1, 1, 1], None),  # S_max = 1
+]
+
+
+@pytest.mark.parametrize("hq,hkv,S,D,dtype,lengths,splits", DECODE,
+                         ids=lambda v: str(v).replace("torch.", "") if v is not None else "auto")
+def test_decode_attention(hq, hkv, S, D, dtype, lengths, splits):
+    B = len(lengths)
+    q = rand(B, hq, D, dtype=dtype, seed=4)
+    k = rand(B, hkv, S, D, dtype=dtype, seed=5)
+    v = rand(B, hkv, S, D, dtype=dtype, seed=6)
+    seqlens = torch.tensor(lengths, device=DEVICE)
+    out = K.decode_attention(q, k, v, seqlens, num_splits=splits)
+    assert out.shape == (B, hq, D) and out.dtype == dtype
+    close(out, K.decode_attention_reference(q, k, v, seqlens), dtype, "vs reference")
+    visible = torch.arange(S, device=DEVICE)[None, :] < seqlens[:, None]
+    sdpa = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(),
+                                          attn_mask=visible[:, None, None, :], enable_gqa=True)[:, :, 0]
+    close(out, sdpa, dtype, "vs SDPA")
+
+
+def test_decode_attention_left_padding_and_cache_views():
+    # the model's decode: caches sliced to the live length (strided views), left padding as key_padding
+    B, hq, hkv, S_max, D = 2, 14, 2, 64, 64
+    k_full = rand(B, hkv, S_max, D, dtype=torch.float32, seed=7)
+    v_full = rand(B, hkv, S_max, D, dtype=torch.float32, seed=8)
+    q = rand(B, hq, D, dtype=torch.float32, seed=9)
+    S = 40
+    keep = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    keep[0, :25] = False
+    k, v = k_full[:, :, :S], v_full[:, :, :S]
+    lens = torch.full((B,), S, device=DEVICE)
+    out = K.decode_attention(q, k, v, lens, key_padding=keep, num_splits=3)
+    close(out, K.decode_attention_reference(q, k, v, lens, key_padding=keep), torch.float32, "padded decode")
+
+
+# ---- RMSNorm, RoPE, SwiGLU -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm(dtype, residual):
+    x = rand(3, 5, 896, dtype=dtype, seed=10)
+    w = (torch.rand(896, generator=torch.Generator().manual_seed(11)) + 0.5).to(dtype).to(DEVICE)
+    res = rand(3, 5, 896, dtype=dtype, seed=12) if residual else None
+    out = K.rms_norm(x, w, 1e-6, residual=res)
+    ref = K.rms_norm_reference(x, w, 1e-6, residual=res)
+    if residual:
+        close(out[1], ref[1], dtype, "residual sum")
+        out, ref = out[0], ref[0]
+    close(out, ref, dtype, "rms_norm")
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,D,T", [(torch.float32, 14, 2, 64, 17), (torch.float16, 8, 1, 128, 1),
+                                              (torch.bfloat16, 4, 4, 64, 64)], ids=str)
+def test_rope_in_place(dtype, hq, hkv, D, T):
+    B = 2
+    q = rand(B, hq, T, D, dtype=dtype, seed=13, layout_bthd=True)
+    k = rand(B, hkv, T, D, dtype=dtype, seed=14, layout_bthd=True)
+    ang = torch.rand(B, T, D // 2, generator=torch.Generator().manual_seed(15)) * 6
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().to(dtype).to(DEVICE), ang.sin().to(dtype).to(DEVICE)
+    q_ref, k_ref = K.rope_reference_(q.clone(), k.clone(), cos, sin)
+    q_ptr = q.data_ptr()
+    q_out, k_out = K.rope_(q, k, cos, sin)
+    assert q_out.data_ptr() == q_ptr  # in place
+    close(q, q_ref, dtype, "rope q")
+    close(k, k_ref, dtype, "rope k")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_swiglu(dtype):
+    gate, up = rand(3, 7, 4864, dtype=dtype, seed=16), rand(3, 7, 4864, dtype=dtype, seed=17)
+    close(K.swiglu(gate, up), K.swiglu_reference(gate, up), dtype, "swiglu")
+
+
+# ---- the switch and the model end to end ----------------------------------------------------------------------
+
+def test_switch_rejects_unknown_values(monkeypatch):
+    from qwen2_pure import ops
+    monkeypatch.setenv("QWEN2_PURE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="QWEN2_PURE_KERNELS"):
+        ops.swiglu(torch.ones(2), torch.ones(2))
+    monkeypatch.setenv("QWEN2_PURE_KERNELS", "torch")
+    assert ops._triton(torch.ones(2, device=DEVICE)) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from hf_utils import make_hf_checkpoint
+    path = tmp_path_factory.mktemp("kernels_ckpt")
+    make_hf_checkpoint(path, heads=14, kv_heads=2, head_dim=64, layers=2)
+    return path
+
+
+def test_model_logits_triton_path_equal_reference_path(tiny_checkpoint, monkeypatch):
+    """Left-padded prefill then three cached decode steps, once per path: same logits."""
+    import qwen2_pure as q
+    from hf_utils import VOCAB
+    model = q.load_model(tiny_checkpoint).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB - 2, (2, 20), generator=g).to(DEVICE)
+    mask = torch.ones(2, 23, dtype=torch.long, device=DEVICE)
+    mask[1, :7] = 0  # row 1 is left-padded
+    steps = torch.randint(0, VOCAB - 2, (2, 3), generator=g).to(DEVICE)
+
+    def run(backend):
+        monkeypatch.setenv("QWEN2_PURE_KERNELS", backend)
+        cache = model.new_cache(2, 32)
+        out = [model(ids, attention_mask=mask[:, :20], cache=cache, input_pos=torch.arange(20, device=DEVICE))]
+        for i in range(3):
+            out.append(model(steps[:, i:i + 1], attention_mask=mask[:, :21 + i], cache=cache,
+                             input_pos=torch.tensor([20 + i], device=DEVICE)))
+        return out
+
+    ref, tri = run("torch"), run("triton")
+    real = mask[:, :20].bool()
+    assert ref[0].abs().max() > 1
+    for i, (a, b) in enumerate(zip(tri, ref)):
+        if i == 0:  # padded query positions attend to nothing real; only real tokens' logits count
+            a, b = a[real], b[real]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {i}: {m}")
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, QWEN2_PURE_KERNELS="auto")
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "attention.py"), "--smoke", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "KV cache" in r.stdout and (tmp_path / "attention.json").exists()
