@@ -13,6 +13,9 @@ import qwen2_pure.kernels as K
 
 
 def main(out="benchmarks/out"):
+    if not torch.cuda.is_available():
+        sys.exit("kernels_timing.py times the Triton kernels on a CUDA GPU and none is available here; "
+                 "on a CPU, tests/test_kernels.py checks them through Triton's interpreter")
     dev, dt, N = "cuda", torch.bfloat16, 4096  # tokens
     H, I, hq, hkv, D = 3584, 18944, 28, 4, 128
     x, r = torch.randn(N, H, device=dev, dtype=dt), torch.randn(N, H, device=dev, dtype=dt)
