@@ -3,6 +3,8 @@
     qwen2-pure chat                                   # the demo model (Qwen2.5-Coder-0.5B-Instruct), on the CPU
     qwen2-pure generate --model DIR_OR_GGUF_OR_ID --prompt "..." [--chat] [--max-new-tokens N] [--seed S]
     qwen2-pure convert FILE.gguf OUT_DIR
+    qwen2-pure inspect Qwen2-7B [--compare Qwen1.5-7B] [--json] [--plot F.png] [--tree]
+    qwen2-pure serve [--model SRC] [--port 8000] [--api-key KEY]   # OpenAI-compatible API + web chat
 
 Argument parsing and terminal I/O only; the work is done by the modules it calls. A user error prints
 one line on stderr (no traceback) and exits with status 2.

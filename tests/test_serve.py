@@ -1,0 +1,722 @@
+"""The server (qwen2_pure/serve): the continuous-batching engine, the OpenAI API through the `openai` client,
+errors, concurrency, client disconnects, the `serve` command, and the web page in headless Chromium.
+
+The model is a tiny random Qwen2 (1 layer, hidden 32) with the real Qwen2.5 tokenizer, built like
+tests/test_cli.py's: a few hundred English word tokens get loud embedding rows, so greedy decoding emits varied
+words and "same text as `qwen2_pure.generate`" is a meaningful check. Servers run in-process (uvicorn in a
+thread, on a free port of 127.0.0.1); one test starts `qwen2-pure serve` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+
+import qwen2_pure
+from qwen2_pure.sampling import SamplingParams
+from qwen2_pure.serve.engine import Engine, wait_idle
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from qwen2_pure.serve.app import create_app  # noqa: E402  (needs fastapi)
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+MAX_NEW = 16  # generation_config.json's max_new_tokens in the fixture checkpoint
+WORDS = ("the of and to in is it you that he was for on are with as his they at be this from have or by one had "
+         "not but what all were when we there can an your which their said if do will each about how up out them "
+         "then she many some so these would other into has more her two like him see time could no make than first "
+         "been its who now people my made over did down only way find use may water long little very after words "
+         "called just where most know get through back much before go good new write our used me man too any day "
+         "same right look think also around another came come work three word must because does part even place "
+         "well").split()
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(demo_tokenizer_dir, tmp_path_factory):
+    """A tiny random Qwen2 checkpoint with the demo's tokenizer (greedy generation_config, max_new_tokens 16)."""
+    from hf_utils import make_hf_checkpoint
+
+    from qwen2_pure.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(demo_tokenizer_dir)
+    ids: list[int] = []
+    for w in WORDS:
+        e = tok.encode(" " + w)
+        if len(e) == 1 and e[0] not in ids:
+            ids.append(e[0])
+    d = tmp_path_factory.mktemp("serve_model")
+    model = make_hf_checkpoint(d, heads=2, kv_heads=1, head_dim=16, layers=1, tied=True, intermediate=64,
+                               vocab=151936, seed=0, max_pos=256)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        emb = model.get_input_embeddings().weight
+        emb[ids] = torch.randn(len(ids), emb.shape[1], generator=g)
+        norm = model.model.norm.weight
+        norm.mul_(torch.where(torch.rand(norm.shape, generator=g) < 0.5, -1.0, 1.0))
+    model.save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_tokenizer_dir / name, d / name)
+    gen = json.loads((demo_tokenizer_dir / "generation_config.json").read_text(encoding="utf-8"))
+    gen["max_new_tokens"] = MAX_NEW
+    (d / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return qwen2_pure.load_model(model_dir), qwen2_pure.load_tokenizer(model_dir)
+
+
+class LiveServer:
+    """uvicorn serving `app` in a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the test server did not start"
+            time.sleep(0.02)
+
+    @property
+    def engine(self) -> Engine:
+        return self.app.state.engine
+
+    def client(self, api_key="EMPTY", **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    model, tok = loaded
+    s = LiveServer(create_app(model, tok, slots=16, max_seq_len=256))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def small_server(loaded):
+    """One slot, a queue of one, and an API key: for 401 and 429."""
+    model, tok = loaded
+    s = LiveServer(create_app(model, tok, slots=1, max_queue=1, api_key="sekret", model_name="tiny"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def slow_model(loaded, monkeypatch):
+    """Every forward takes at least 15 ms more, so that a generation lasts long enough to be interrupted."""
+    model, _ = loaded
+    real = model.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(0.015)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return model
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+def chat_ids(tok, content, system=None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+
+
+def reference(model, tok, ids, max_new_tokens=MAX_NEW, **sampling):
+    """(text, token count) of sequential `qwen2_pure.generate`, the server's reference."""
+    [new] = qwen2_pure.generate(model, [ids], max_new_tokens=max_new_tokens, stop_token_ids=tok.stop_token_ids,
+                                **sampling)
+    return tok.decode(new, skip_special_tokens=True), len(new)
+
+
+def random_prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
+
+
+class Raw:
+    """A plain HTTP exchange (standard library), for what the openai client cannot send or must not hide."""
+
+    def __init__(self, url: str, method: str, path: str, body=None, headers=None, timeout: float = 30):
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        try:
+            self.conn.request(method, path, body=body,
+                              headers={"Content-Type": "application/json", **(headers or {})})
+            self.response = self.conn.getresponse()
+        except BaseException:
+            self.conn.close()  # e.g. a timeout: the client goes away
+            raise
+        self.status = self.response.status
+
+    def json(self):
+        return json.loads(self.response.read())
+
+    def text(self) -> str:
+        return self.response.read().decode()
+
+    def lines(self):
+        while line := self.response.readline():
+            yield line.decode().rstrip("\r\n")
+
+    def close(self):
+        self.conn.close()
+
+
+def raw(url, method, path, body=None, **kw) -> tuple[int, dict]:
+    r = Raw(url, method, path, body, **kw)
+    try:
+        return r.status, r.json()
+    finally:
+        r.close()
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---- the engine, without HTTP -----------------------------------------------------------------------------
+
+def test_fixture_model_is_varied(loaded):
+    model, tok = loaded
+    texts = {reference(model, tok, tok.encode(p))[0] for p in ("Hello", "the", "What is the meaning of life?")}
+    assert len(texts) == 3 and all(len(set(t.split())) >= 2 for t in texts), texts
+
+
+@pytest.mark.parametrize("slots, max_seq_len", [(16, 256), (3, 64)], ids=["wide", "compacting"])
+def test_engine_greedy_equals_sequential_generate(loaded, slots, max_seq_len):
+    """Requests arriving at random moments, decoded in shared steps, give generate()'s tokens exactly.
+
+    With 3 slots of 64 tokens the engine must queue, reuse rows, jump the time axis for long prompts and
+    compact it when it fills up: all of that must leave the tokens unchanged.
+    """
+    model, tok = loaded
+    rng = random.Random(slots)
+    jobs = []
+    for i in range(12):
+        ids = tok.encode(random_prompt(rng)) if i % 3 else chat_ids(tok, random_prompt(rng))
+        ids = ids[:max_seq_len - 8]
+        max_tokens = rng.randint(1, min(40, max_seq_len - len(ids)))
+        jobs.append((ids, max_tokens))
+    expected = [qwen2_pure.generate(model, [ids], max_new_tokens=max_tokens, stop_token_ids=tok.stop_token_ids)[0]
+                for ids, max_tokens in jobs]
+    engine = Engine(model, tok, slots=slots, max_seq_len=max_seq_len, max_queue=64).start()
+    try:
+        results: list = [None] * len(jobs)
+
+        def run(i):
+            time.sleep(rng.random() * 0.1)
+            results[i] = engine.generate(jobs[i][0], jobs[i][1], timeout=60)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(90)
+        for (text, ev), ref in zip(results, expected):
+            assert text == tok.decode(ref, skip_special_tokens=True)
+            assert ev.completion_tokens == len(ref)
+            assert ev.finish_reason == ("stop" if ref[-1] in tok.stop_token_ids else "length")
+        assert engine.stats["max_batch"] > 1  # requests really shared decode steps
+        if max_seq_len == 64:
+            assert engine.stats["compactions"] > 0
+        assert wait_idle(engine)
+        wait_for(lambda: engine.t == 0 and not engine.mask.any(), what="an empty batch to leave a clean axis")
+    finally:
+        engine.stop()
+
+
+def test_engine_sampling_per_request(loaded):
+    """Each row samples with its own parameters and generator: a seeded request gives generate(seed=...)'s
+    tokens even when it shares steps with greedy and differently-seeded neighbours."""
+    model, tok = loaded
+    ids = tok.encode("Hello there")
+    params = [SamplingParams(temperature=1.0, top_k=10, seed=s) for s in (1, 2, 3)] + \
+             [SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5, seed=4),
+              SamplingParams(repetition_penalty=1.5, frequency_penalty=1.0)]  # greedy with penalties
+    expected = [reference(model, tok, ids, 12, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                          repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+                          frequency_penalty=p.frequency_penalty, seed=p.seed)[0] for p in params]
+    assert len(set(expected[:3])) > 1  # different seeds, different samples
+    engine = Engine(model, tok, slots=8, max_seq_len=128).start()
+    try:
+        results: list = [None] * len(params)
+
+        def run(i):
+            results[i] = engine.generate(ids, 12, params=params[i], timeout=60)[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(params))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert results == expected
+    finally:
+        engine.stop()
+
+
+def test_engine_stop_strings_and_tokens(loaded):
+    model, tok = loaded
+    ids = tok.encode("Hello")
+    full, _ = reference(model, tok, ids)
+    stop = next(f" {w}" for w in full.split() if full.index(f" {w}") > 0)
+    engine = Engine(model, tok, slots=2, max_seq_len=64).start()
+    try:
+        text, ev = engine.generate(ids, MAX_NEW, stop=[stop], timeout=30)
+        assert text == full[:full.index(stop)] and ev.finish_reason == "stop"
+        assert ev.completion_tokens < MAX_NEW
+        first = tok.encode(full)[1]  # a stop token id: the second token of the answer
+        text, ev = engine.generate(ids, MAX_NEW, stop_token_ids=[first], timeout=30)
+        assert ev.finish_reason == "stop" and ev.completion_tokens == 2
+    finally:
+        engine.stop()
+
+
+def test_engine_rejects_bad_settings(loaded):
+    model, tok = loaded
+    with pytest.raises(qwen2_pure.Qwen2PureError, match="slots"):
+        Engine(model, tok, slots=0)
+    with pytest.raises(qwen2_pure.Qwen2PureError, match="max_position_embeddings=256"):
+        Engine(model, tok, max_seq_len=1000)
+    engine = Engine(model, tok, slots=1, max_seq_len=32)
+    from qwen2_pure.serve.engine import EngineStopped, Request
+    for req, match in [(Request(prompt=[1, 151936], max_tokens=1), "token id 151936"),
+                       (Request(prompt=[1] * 30, max_tokens=5), "exceeds max_seq_len=32"),
+                       (Request(prompt=[1], max_tokens=0), "max_tokens=0"),
+                       (Request(prompt=[1], max_tokens=1), "not running")]:
+        with pytest.raises(qwen2_pure.Qwen2PureError, match=match):
+            engine.submit(req)
+    assert issubclass(EngineStopped, qwen2_pure.Qwen2PureError)
+
+
+# ---- the OpenAI API through the openai client -------------------------------------------------------------
+
+def test_models_and_health(server):
+    client = server.client()
+    [m] = client.models.list().data
+    assert m.id == server.app.state.info.model_name and m.object == "model"
+    status, body = raw(server.url, "GET", "/health")
+    assert status == 200 and body["status"] == "ok" and body["slots"] == 16
+
+
+def test_chat_non_stream(server, loaded):
+    model, tok = loaded
+    client = server.client()
+    model_id = client.models.list().data[0].id
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hello"}])
+    text, n = reference(model, tok, chat_ids(tok, "Hello"))
+    assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and n == MAX_NEW  # generation_config's max_new_tokens
+    assert r.usage.prompt_tokens == len(chat_ids(tok, "Hello"))
+    assert r.usage.completion_tokens == n and r.usage.total_tokens == r.usage.prompt_tokens + n
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == model_id
+    # a system message and max_tokens
+    r = client.chat.completions.create(model=model_id, max_tokens=5, messages=[
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"}])
+    assert r.choices[0].message.content == reference(model, tok, chat_ids(tok, "Hello", "You are terse."), 5)[0]
+    assert r.usage.completion_tokens == 5
+
+
+def test_chat_stream_with_usage(server, loaded):
+    model, tok = loaded
+    client = server.client()
+    text, n = reference(model, tok, chat_ids(tok, "Tell me a story"), 10)
+    stream = client.chat.completions.create(model=server.app.state.info.model_name, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "Tell me a story"}])
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    content = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert len(content) > 1 and "".join(content) == text  # streamed in pieces, same text
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == "length"
+    assert finish[0].choices[0].delta.content in (None, "")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n == 10
+    assert chunks[-1].usage.prompt_tokens == len(chat_ids(tok, "Tell me a story"))
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    # without include_usage, no usage chunk
+    chunks = list(client.chat.completions.create(model=server.app.state.info.model_name, max_tokens=3,
+                                                 stream=True, messages=[{"role": "user", "content": "Hi"}]))
+    assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_stream_raw_sse(server):
+    """The wire format itself: data lines, blank-line separated, ending with [DONE]."""
+    r = Raw(server.url, "POST", "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 3})
+    assert r.status == 200 and r.response.getheader("content-type").startswith("text/event-stream")
+    body = r.text()
+    r.close()
+    assert body.endswith("data: [DONE]\n\n")
+    assert all(block.startswith("data: ") for block in body.strip().split("\n\n"))
+
+
+def test_completions(server, loaded):
+    model, tok = loaded
+    client = server.client()
+    name = server.app.state.info.model_name
+    text, n = reference(model, tok, tok.encode("def fib(n):"), 7)
+    r = client.completions.create(model=name, prompt="def fib(n):", max_tokens=7)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == n and r.object == "text_completion"
+    chunks = list(client.completions.create(model=name, prompt="def fib(n):", max_tokens=7, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == 7
+    # token ids as the prompt
+    r = client.completions.create(model=name, prompt=tok.encode("def fib(n):"), max_tokens=7)
+    assert r.choices[0].text == text
+
+
+def test_stop_string_and_finish_reason(server, loaded):
+    model, tok = loaded
+    client = server.client()
+    full, _ = reference(model, tok, tok.encode("Hello"))
+    stop = next(f" {w}" for w in full.split() if full.index(f" {w}") > 0)
+    name = server.app.state.info.model_name
+    r = client.completions.create(model=name, prompt="Hello", stop=[stop, "zzz-never"])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=name, prompt="Hello", stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampling_fields(server, loaded):
+    """Seeded sampling equals generate(seed=...); vLLM's extra fields arrive through extra_body."""
+    model, tok = loaded
+    client = server.client()
+    name = server.app.state.info.model_name
+    ids = tok.encode("Once upon a time")
+    for seed in (1, 2):
+        r = client.completions.create(model=name, prompt="Once upon a time", max_tokens=8, temperature=0.9,
+                                      top_p=0.95, seed=seed, presence_penalty=0.3, frequency_penalty=0.2,
+                                      extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1})
+        assert r.choices[0].text == reference(model, tok, ids, 8, temperature=0.9, top_p=0.95, top_k=20, min_p=0.01,
+                                              repetition_penalty=1.1, presence_penalty=0.3,
+                                              frequency_penalty=0.2, seed=seed)[0]
+    # ignore_eos: exactly max_tokens tokens even through a stop token
+    r = client.completions.create(model=name, prompt="Hello", max_tokens=20, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, param", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"), (dict(n=2), "n"), (dict(presence_penalty=3), "presence_penalty"),
+    (dict(seed="x"), "seed"), (dict(stop=[""]), "stop"), (dict(extra_body={"top_k": -5}), "top_k"),
+    (dict(extra_body={"min_p": 2}), "min_p"), (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+    (dict(logprobs=True), "logprobs"), (dict(max_tokens=250), "max_tokens"),
+])
+def test_invalid_sampling_values_are_400(server, extra, param):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=server.app.state.info.model_name,
+                                       messages=[{"role": "user", "content": "Hello"}], **extra)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+    assert param in e.value.message
+
+
+def test_request_errors(server):
+    client = server.client()
+    name = server.app.state.info.model_name
+    with pytest.raises(openai.BadRequestError, match="role") as e:
+        client.chat.completions.create(model=name, messages=[{"role": "wizard", "content": "Hello"}])
+    assert e.value.body["param"] == "messages[0].role"
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=name, messages=[])
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256") as e:
+        client.completions.create(model=name, prompt=" the" * 300)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError, match="does not exist") as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hello"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    # malformed JSON, a body that is not an object, an unknown endpoint: raw HTTP
+    for body in (b"{not json", b"[1, 2]", b"", b"\xff\xfe"):
+        status, answer = raw(server.url, "POST", "/v1/chat/completions", body)
+        assert status == 400 and set(answer["error"]) == {"message", "type", "param", "code"}, body
+    status, answer = raw(server.url, "POST", "/v1/completions", b'{"prompt": "Hi"}',
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 400 and "Content-Type" in answer["error"]["message"]
+    status, answer = raw(server.url, "GET", "/v1/nothing-here")
+    assert status == 404 and "error" in answer
+    status, answer = raw(server.url, "GET", "/v1/chat/completions")
+    assert status == 405 and "error" in answer
+    # and the server is still fine
+    assert client.completions.create(model=name, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_api_key(small_server):
+    with pytest.raises(openai.AuthenticationError) as e:
+        small_server.client(api_key="wrong").models.list()
+    assert e.value.status_code == 401
+    status, answer = raw(small_server.url, "GET", "/v1/models")  # no key at all
+    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    client = small_server.client(api_key="sekret")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.completions.create(model="tiny", prompt="Hello", max_tokens=2).choices[0].text
+    assert raw(small_server.url, "GET", "/health")[0] == 200  # health needs no key
+    page = Raw(small_server.url, "GET", "/")  # nor the page (it sends the key itself)
+    assert page.status == 200 and "chat.js" in page.text()
+    page.close()
+
+
+def test_queue_full_is_429(small_server, slow_model):
+    """One slot and a queue of one: a third concurrent request is refused with 429 (RateLimitError)."""
+    client = small_server.client(api_key="sekret")
+    long = dict(model="tiny", prompt="Hello", max_tokens=200, extra_body={"ignore_eos": True})
+    streams = [client.completions.create(stream=True, **long)]
+    next(iter(streams[0]))  # the first request holds the slot
+    streams.append(client.completions.create(stream=True, **long))  # the second waits in the queue
+    wait_for(lambda: small_server.engine.load()["waiting"] == 1, what="a waiting request")
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(**long)
+    assert e.value.status_code == 429 and "busy" in e.value.message
+    for s in streams:
+        s.close()  # disconnect: both are cancelled
+    assert wait_idle(small_server.engine, 10)
+
+
+def test_error_mid_stream_reaches_the_client(server, loaded, monkeypatch):
+    """A failure inside the engine after the stream began arrives as an error event: the openai client raises
+    APIError; the server goes on serving."""
+    model, _ = loaded
+    real, calls = model.forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated device failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    client = server.client()
+    stream = client.chat.completions.create(model=server.app.state.info.model_name, stream=True, max_tokens=10,
+                                            messages=[{"role": "user", "content": "Hello"}])
+    got = []
+    with pytest.raises(openai.APIError, match="simulated device failure"):
+        for chunk in stream:
+            got.append(chunk)
+    assert got and got[0].choices[0].delta.role == "assistant"
+    monkeypatch.setattr(model, "forward", real)
+    assert client.completions.create(model=server.app.state.info.model_name, prompt="Hello",
+                                     max_tokens=3).usage.completion_tokens == 3
+    assert raw(server.url, "GET", "/health")[1]["status"] == "ok"
+
+
+# ---- concurrency and disconnects --------------------------------------------------------------------------
+
+def test_16_concurrent_streaming_clients(server, loaded):
+    """16 clients streaming at once are decoded in shared steps and each gets sequential greedy's text."""
+    model, tok = loaded
+    rng = random.Random(16)
+    jobs = []
+    for i in range(16):
+        prompt = random_prompt(rng)
+        kind = "chat" if i % 2 else "completion"
+        ids = chat_ids(tok, prompt) if kind == "chat" else tok.encode(prompt)
+        jobs.append((kind, prompt, ids, rng.randint(8, 24)))
+    expected = [reference(model, tok, ids, max_tokens)[0] for _, _, ids, max_tokens in jobs]
+    name = server.app.state.info.model_name
+    steps_before = server.engine.stats["steps"]
+    barrier = threading.Barrier(16)
+    results: list = [None] * 16
+
+    def client_thread(i):
+        kind, prompt, _, max_tokens = jobs[i]
+        client = server.client()
+        barrier.wait()
+        if kind == "chat":
+            stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=max_tokens, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        else:
+            stream = client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, stream=True)
+            results[i] = "".join(c.choices[0].text for c in stream if c.choices)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert results == expected
+    assert len(set(expected)) > 8
+    steps = server.engine.stats["steps"] - steps_before
+    assert server.engine.stats["max_batch"] >= 8
+    assert steps < sum(m for *_, m in jobs) // 2  # far fewer decode steps than tokens: they were shared
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, slow_model):
+    engine = server.engine
+    tokens_before = engine.stats["tokens"]
+    r = Raw(server.url, "POST", "/v1/completions",
+            {"prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True})
+    lines = r.lines()
+    got = [ln for ln in (next(lines) for _ in range(6)) if ln.startswith("data: ")]
+    assert len(got) == 3 and engine.load()["running"] == 1
+    r.close()  # the client goes away: the engine drops the request at its next step
+    wait_for(lambda: engine.load()["running"] == 0, timeout=5, what="the slot to be freed")
+    generated = engine.stats["tokens"] - tokens_before
+    assert generated < 100, generated  # 200 would take > 3 s at 15 ms a step
+    # a non-streaming request whose client gives up is cancelled too
+    with pytest.raises(TimeoutError):
+        raw(server.url, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True},
+            timeout=0.5)
+    wait_for(lambda: engine.load()["running"] == 0, timeout=5, what="the non-streaming request to be dropped")
+    assert engine.stats["tokens"] - tokens_before < 200
+
+
+# ---- the serve command ------------------------------------------------------------------------------------
+
+def test_serve_command_subprocess(model_dir):
+    """`qwen2-pure serve` binds 127.0.0.1 by default, answers the API, and stops cleanly on Ctrl-C."""
+    env = {k: v for k, v in os.environ.items() if k != "QWEN2_PURE_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2_pure.cli", "serve", "--model", str(model_dir),
+                             "--port", "0", "--served-model-name", "tiny-cli"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    try:
+        url, lines = None, []
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        assert url, "".join(lines)
+        assert any("[serving tiny-cli on http://127.0.0.1:0" in ln for ln in lines), lines
+        status, answer = raw(url, "POST", "/v1/chat/completions",
+                             {"model": "tiny-cli", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+
+
+def test_serve_command_errors(capsys, model_dir):
+    from qwen2_pure.cli import main
+    assert main(["serve", "--model", str(model_dir), "--slots", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "slots=0" in err and "Traceback" not in err
+
+
+# ---- the web page in headless Chromium --------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not CHROMIUM or not CHROMEDRIVER:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,800", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_web_chat_page(server, loaded, browser):
+    """Send a message in the page, see the streamed answer, regenerate it, clear; keep a screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model, tok = loaded
+    wait = WebDriverWait(browser, 30)
+    browser.get(server.url + "/")
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model"), server.app.state.info.model_name))
+
+    def finished_answers():
+        return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish]")
+
+    def last_answer_text():
+        return finished_answers()[-1].find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
+
+    browser.find_element(By.ID, "input").send_keys("Hello")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(finished_answers()) == 1)
+    expected = reference(model, tok, chat_ids(tok, "Hello"))[0]
+    assert last_answer_text() == expected
+    assert finished_answers()[0].get_attribute("data-finish") == "length"
+    assert "tokens" in finished_answers()[0].find_element(By.CSS_SELECTOR, ".meta").text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "serve_web_chat.png"))
+
+    # a second turn carries the history; regenerate answers it again (greedy: the same text)
+    browser.find_element(By.ID, "input").send_keys("And then?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(finished_answers()) == 2)
+    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": expected},
+            {"role": "user", "content": "And then?"}]
+    second = reference(model, tok, tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True)))[0]
+    assert last_answer_text() == second
+    browser.find_element(By.ID, "regenerate").click()
+    wait.until(lambda d: len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 4
+               and browser.find_elements(By.CSS_SELECTOR, ".msg")[-1].get_attribute("data-finish"))
+    assert last_answer_text() == second
+
+    # sampling settings reach the server: max_tokens 3
+    browser.find_element(By.ID, "max_tokens").send_keys("3")
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    browser.find_element(By.ID, "input").send_keys("Hello")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(finished_answers()) == 1)
+    assert last_answer_text() == reference(model, tok, chat_ids(tok, "Hello"), 3)[0]
+    assert "3 tokens" in finished_answers()[0].find_element(By.CSS_SELECTOR, ".meta").text
