@@ -3,8 +3,11 @@
     qwen2-pure chat                                   # the demo model (Qwen2.5-Coder-0.5B-Instruct), on the CPU
     qwen2-pure generate --model DIR_OR_GGUF_OR_ID --prompt "..." [--chat] [--max-new-tokens N] [--seed S]
     qwen2-pure convert FILE.gguf OUT_DIR
+    qwen2-pure export --model SRC --adapter LORA_DIR --output OUT_DIR [--dtype bf16]   # merge a LoRA adapter
     qwen2-pure inspect Qwen2-7B [--compare Qwen1.5-7B] [--json] [--plot F.png] [--tree]
     qwen2-pure serve [--model SRC] [--port 8000] [--api-key KEY]   # OpenAI-compatible API + web chat
+    qwen2-pure train --stage sft --finetuning_type lora --model_name_or_path SRC ...   # LLaMA-Factory's flags
+    qwen2-pure export --model SRC --adapter DIR --output OUT                         # merge a LoRA adapter
 
 Argument parsing and terminal I/O only; the work is done by the modules it calls. A user error prints
 one line on stderr (no traceback) and exits with status 2.
@@ -55,12 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter folder to apply")
     _add_sampling_args(gen)
 
     chat = sub.add_parser("chat", help="interactive chat, like Qwen2's cli_demo")
     _add_model_args(chat)
     chat.add_argument("--seed", "-s", type=int, default=1234, help="random seed, reset before every answer")
     chat.add_argument("--system", default=None, help="system message (default: the template's own)")
+    chat.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter folder to apply")
+
+    tr = sub.add_parser("train", add_help=False,
+                        help="LoRA SFT with LLaMA-Factory's flags (qwen2-pure train --stage sft ... ; --help lists them)")
+    tr.add_argument("train_args", nargs=argparse.REMAINDER)
+
+    exp = sub.add_parser("export", help="merge a LoRA adapter into its base and write an HF-layout folder")
+    exp.add_argument("--model", "-m", default=None,
+                     help="base model folder, .gguf file or modelscope id (default: the embedded demo model)")
+    exp.add_argument("--adapter", required=True, metavar="DIR", help="the peft LoRA adapter folder")
+    exp.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder (must not exist or be empty)")
+    exp.add_argument("--dtype", default="auto", help="auto (config.json's), float32, bfloat16 or float16")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     conv = sub.add_parser("convert", help="convert a .gguf file to a Hugging Face-layout folder")
     conv.add_argument("gguf", help="input .gguf file")
@@ -107,7 +124,7 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
     tokenizer = load_tokenizer(args.model)
     print(f"[loaded {model.source} ({str(model.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.1f} s]",
           file=sys.stderr, flush=True)
@@ -169,6 +186,13 @@ def cmd_convert(args) -> int:
     if target.is_dir() and any(target.iterdir()) and not args.overwrite:  # say --overwrite, not overwrite=True
         raise Qwen2PureError(f"{target}: output folder exists and is not empty; pass --overwrite to replace it")
     out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .lora import export_merged
+    out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -409,10 +433,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.args import build_train_parser, parse_train_args
+    if any(a in ("-h", "--help") for a in args.train_args):
+        build_train_parser().print_help()
+        return 0
+    from .train.trainer import train
+    targs = parse_train_args(args.train_args)
+    for note in targs.notes:
+        print(f"[train] {note}", file=sys.stderr)
+    state = train(targs)
+    best = f", best checkpoint {state['best_model_checkpoint']}" if state.get("best_model_checkpoint") else ""
+    print(f"[train] {state['global_step']} steps; adapter in {targs.output_dir}{best}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert,
-               "inspect": cmd_inspect, "serve": cmd_serve}[args.command]
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # LLaMA-Factory's flags go to their own parser, untouched by this one's
+        args = argparse.Namespace(command="train", train_args=list(argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
+               "inspect": cmd_inspect, "serve": cmd_serve, "train": cmd_train}[args.command]
     try:
         return handler(args)
     except Qwen2PureError as e:

@@ -216,18 +216,26 @@ def _read_json(path: Path) -> dict:
         raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_model(source: Source = None, dtype=None, device=None) -> Qwen2ForCausalLM:
+def load_model(source: Source = None, dtype=None, device=None, adapter=None) -> Qwen2ForCausalLM:
     """Load a Qwen2 model from a folder, a .gguf file, a modelscope id, or (None) the demo checkpoint.
 
     dtype: torch dtype or name; None/'auto' takes config.json's `torch_dtype` (fp32 when absent).
     device: where the weights go (default CPU). Returns the model in eval mode, with
     `model.generation_config` (a dict; empty when the folder has no generation_config.json).
+    adapter: a peft LoRA adapter folder (ours or peft's), applied unmerged on top of the base
+    (see `qwen2_pure.lora.load_adapter`).
     """
     path = resolve_source(source)
+    if adapter is not None:  # a bad adapter folder fails before minutes of loading the base
+        from ..lora import read_adapter_config
+        read_adapter_config(adapter)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if path.is_file():
-        return _load_gguf(path, dtype, device)
-    return _load_folder(path, dtype, device)
+    model = _load_gguf(path, dtype, device) if path.is_file() else _load_folder(path, dtype, device)
+    if adapter is not None:
+        from ..lora import load_adapter
+        load_adapter(model, adapter)
+        model.adapter = str(adapter)
+    return model
 
 
 def load_tokenizer(source: Source = None):

@@ -1,0 +1,431 @@
+"""LoRA: wrapping linear layers, peft-format adapters (save and load), merging and export.
+
+A LoRA layer adds a low-rank update to a frozen linear layer (Hu et al. 2021), exactly as peft does it:
+
+    y = W x + b  +  B(A(dropout(x))) * scaling          scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+- A (r, in) starts kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(in)); B (out, r) starts at zero, so a fresh
+  adapter changes nothing. Dropout applies to the LoRA branch input only; Qwen2's q/k/v biases stay in the base.
+- A and B are kept in fp32 whatever the base dtype (peft's `autocast_adapter_dtype`): the input is cast to fp32,
+  the branch computed in fp32, added to the base output (promoting to fp32) and the sum cast back to the
+  activation dtype - the same operations, in the same order, as peft's `lora.Linear.forward`.
+- Module names are the Hugging Face ones (our module tree is transformers'), so an adapter's tensors are
+  `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` - peft's on-disk names - and adapters
+  move between qwen2-pure and peft in both directions.
+
+The wrapper keeps the base layer's `weight` and `bias` as its own parameters, so the base checkpoint's names
+(`...q_proj.weight`) do not change when a model is wrapped; the LoRA tensors appear beside them as
+`...q_proj.lora_A.weight`.
+
+    model = apply_lora(load_model(src), targets=["q_proj", "v_proj"], r=32, alpha=16)
+    save_adapter(model, "out")                     # adapter_model.safetensors + adapter_config.json
+    model = load_model(src, adapter="out")         # or load_adapter(model, "out"); peft's adapters too
+    merge_lora(model)                              # W += B A scaling; back to plain nn.Linear
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import Qwen2PureError
+
+PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model: peft's prefix on every saved key
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # older peft / torch.save; read only
+ADAPTER_CONFIG = "adapter_config.json"
+# LLaMA-Factory's `--lora_target all`: every linear layer of the decoder blocks (never lm_head).
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DTYPE = torch.float32
+
+Targets = Union[str, Sequence[str]]
+
+
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update `lora_B(lora_A(dropout(x))) * scaling`."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: bool = True):
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise Qwen2PureError(f"LoRA rank r={r!r} is invalid: it must be an integer >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise Qwen2PureError(f"lora_dropout={dropout!r} is invalid: it must be in [0, 1)")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter objects: the base checkpoint names are unchanged
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=LORA_DTYPE)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=LORA_DTYPE)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if init:
+            self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """peft's `init_lora_weights=True`: A kaiming-uniform (a=sqrt(5)), B zero."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
+        dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        # result (activation dtype) + fp32 branch promotes to fp32; then back, as peft does
+        return (result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(B @ A) * scaling, shape (out, in) like `weight`, in the LoRA dtype (fp32)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}")
+
+
+# ---- targeting -----------------------------------------------------------------------------------------------
+
+def _layer_index(name: str, layers_pattern) -> Optional[int]:
+    """The decoder-layer index in a module name, as peft finds it for `layers_to_transform`."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+    for p in patterns:
+        m = re.match(rf".*\.{p}\.(\d+)\.", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _is_target(name: str, targets: Targets, layers_to_transform=None, layers_pattern=None) -> bool:
+    """peft's rule: a string is `re.fullmatch`ed against the full module name; a list entry matches the
+    whole name or its last dotted components (`name.endswith("." + t)`)."""
+    if isinstance(targets, str):
+        hit = re.fullmatch(targets, name) is not None
+    else:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
+    if hit and layers_to_transform is not None:
+        wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
+        hit = _layer_index(name, layers_pattern) in wanted
+    return hit
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """rank_pattern / alpha_pattern lookup as peft does it: the first key matching the end of the name."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _resolve_targets(targets: Targets) -> Targets:
+    if isinstance(targets, str):
+        if targets == "all":
+            return list(ALL_TARGETS)
+        if "," in targets and not any(c in targets for c in "()[]{}*+?|\\"):  # LLaMA-Factory's "q_proj,v_proj"
+            return [t.strip() for t in targets.split(",") if t.strip()]
+        return targets
+    targets = list(targets)
+    if targets == ["all"]:
+        return list(ALL_TARGETS)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise Qwen2PureError(f"LoRA targets={targets!r}: expected module names such as ['q_proj', 'v_proj'] or 'all'")
+    return targets
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    """{module name: LoraLinear} of a wrapped model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def _wrap(model: nn.Module, targets: Targets, r: int, alpha: float, dropout: float, use_rslora: bool,
+          rank_pattern=None, alpha_pattern=None, layers_to_transform=None, layers_pattern=None,
+          init: bool = True, where: str = "apply_lora") -> list[str]:
+    if lora_modules(model):
+        raise Qwen2PureError(f"{where}: the model already has LoRA layers (merge_lora or reload the base first)")
+    chosen = [(n, m) for n, m in model.named_modules()
+              if n and _is_target(n, targets, layers_to_transform, layers_pattern)]
+    if not chosen:
+        raise Qwen2PureError(f"{where}: target modules {targets!r} match no module of the model "
+                             f"(Qwen2's linear layers: {', '.join(ALL_TARGETS)})")
+    for name, module in chosen:
+        if not isinstance(module, nn.Linear):
+            raise Qwen2PureError(f"{where}: target '{name}' is a {type(module).__name__}; "
+                                 "LoRA wraps linear layers only")
+        if module.weight.is_meta:
+            raise Qwen2PureError(f"{where}: '{name}' has no weights yet (meta device); load the model first")
+        parent_name, _, attr = name.rpartition(".")
+        wrapped = LoraLinear(module, _pattern_value(rank_pattern, name, r), _pattern_value(alpha_pattern, name, alpha),
+                             dropout, use_rslora, init=init)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapped)
+    return [n for n, _ in chosen]
+
+
+def _portable_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslora: bool,
+                     base_model_name_or_path=None, rank_pattern=None, alpha_pattern=None,
+                     layers_to_transform=None, layers_pattern=None) -> dict:
+    """adapter_config.json with only the keys every peft since 0.10 accepts (see the reference, section 2.1)."""
+    return {
+        "alpha_pattern": dict(alpha_pattern or {}), "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "layer_replication": None,
+        "layers_pattern": layers_pattern, "layers_to_transform": layers_to_transform, "loftq_config": {},
+        "lora_alpha": alpha, "lora_dropout": dropout, "megatron_config": None, "megatron_core": "megatron.core",
+        "modules_to_save": None, "peft_type": "LORA", "r": r, "rank_pattern": dict(rank_pattern or {}),
+        "revision": None, "target_modules": targets if isinstance(targets, str) else sorted(set(targets)),
+        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": use_rslora,
+    }
+
+
+def apply_lora(model: nn.Module, targets: Targets = ("q_proj", "v_proj"), r: int = 8, alpha: float = 16,
+               dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+    """Wrap the target linear layers of `model` with fresh LoRA layers and freeze everything else.
+
+    targets: module names as peft matches them (a list: exact name or last components, e.g. "q_proj";
+    a string: a regex `fullmatch`ed on the full name, e.g. r".*\\.(q|v)_proj"), "all" for every linear layer
+    of the decoder blocks, or LLaMA-Factory's comma form "q_proj,v_proj". Returns `model` (changed in place),
+    with `model.lora_config` holding the adapter_config.json that `save_adapter` writes.
+    """
+    targets = _resolve_targets(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _wrap(model, targets, r, alpha, dropout, use_rslora)
+    model.lora_config = _portable_config(targets, r, alpha, dropout, use_rslora, getattr(model, "source", None))
+    return model
+
+
+# ---- state dicts, saving ---------------------------------------------------------------------------------------
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under peft's on-disk names (`base_model.model.<module>.lora_A.weight`), detached."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def save_adapter(model: nn.Module, directory: Union[str, os.PathLike],
+                 base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write `adapter_model.safetensors` and `adapter_config.json` into `directory` (created), each atomically
+    (a reader sees the old file or the whole new one); `PeftModel.from_pretrained` loads the result."""
+    from .loading.safetensors_io import atomic_write_text, write_safetensors
+    if not lora_modules(model):
+        raise Qwen2PureError("save_adapter: the model has no LoRA layers (apply_lora or load_adapter first)")
+    config = dict(getattr(model, "lora_config", None) or {})
+    if not config:
+        raise Qwen2PureError("save_adapter: the model has LoRA layers but no lora_config (use apply_lora)")
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = str(base_model_name_or_path)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = lora_state_dict(model)
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    write_safetensors(out / ADAPTER_WEIGHTS, specs, iter(tensors.items()), {"format": "pt"})
+    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+
+# Config keys whose non-default values change what the adapter computes; we do not implement them.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA)", "fan_in_fan_out": "fan_in_fan_out (Conv1D-style weights)",
+    "modules_to_save": "modules_to_save (fully trained extra modules)", "layer_replication": "layer_replication",
+    "exclude_modules": "exclude_modules", "trainable_token_indices": "trainable_token_indices",
+    "lora_bias": "lora_bias (a bias on lora_B)", "use_qalora": "QA-LoRA", "target_parameters": "target_parameters",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)", "arrow_config": "Arrow routing",
+}
+
+
+def read_adapter_config(directory: Union[str, os.PathLike]) -> dict:
+    """adapter_config.json of a peft LoRA adapter, checked for features we do not implement."""
+    directory = Path(os.path.expanduser(str(directory)))
+    path = directory / ADAPTER_CONFIG
+    if not directory.is_dir():
+        raise Qwen2PureError(f"{directory}: adapter folder not found")
+    if not path.is_file():
+        raise Qwen2PureError(f"{directory}: no {ADAPTER_CONFIG} (is this a peft adapter folder?)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise Qwen2PureError(f"{path}: expected a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise Qwen2PureError(f"{path}: peft_type={cfg.get('peft_type')!r}; only LoRA adapters are supported")
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise Qwen2PureError(f"{path}: {key}={cfg[key]!r}: {what} is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise Qwen2PureError(f"{path}: bias={cfg['bias']!r}: only bias='none' adapters are supported")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if cfg.get(key) in (None, [], ""):
+            raise Qwen2PureError(f"{path}: '{key}' is missing")
+    if not isinstance(cfg["r"], int) or cfg["r"] < 1:
+        raise Qwen2PureError(f"{path}: r={cfg['r']!r} is not a positive integer")
+    return cfg
+
+
+def _read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    st, binf = directory / ADAPTER_WEIGHTS, directory / ADAPTER_WEIGHTS_BIN
+    if st.is_file():
+        from .loading.safetensors_io import SafetensorsFile
+        with SafetensorsFile(st) as f:
+            return {n: f.get(n).clone() for n in f.names()}, st
+    if binf.is_file():
+        try:
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a bad file
+            raise Qwen2PureError(f"{binf}: cannot read ({type(e).__name__}: {e})") from None
+        return dict(sd), binf
+    raise Qwen2PureError(f"{directory}: no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN})")
+
+
+def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], trainable: bool = False) -> nn.Module:
+    """Wrap `model` with the LoRA adapter saved in `directory` (ours or peft's) and load its tensors, unmerged.
+
+    Strict: a tensor the model has no place for, a LoRA tensor the file lacks, or a shape that disagrees is an
+    error naming the file and the key. `trainable=True` leaves the LoRA parameters trainable (to continue
+    training from an adapter); otherwise the whole model is frozen, as peft's inference mode does.
+    """
+    directory = Path(os.path.expanduser(str(directory)))
+    cfg = read_adapter_config(directory)
+    tensors, path = _read_adapter_tensors(directory)
+    targets = cfg["target_modules"]
+    if not isinstance(targets, str):
+        targets = list(targets)
+    r, alpha, rslora = cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    pats = dict(rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+                layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _wrap(model, targets, r, alpha, dropout, rslora, init=False, where=str(directory / ADAPTER_CONFIG), **pats)
+    expected = {}
+    for name, m in lora_modules(model).items():
+        expected[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+        expected[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+    for key, t in tensors.items():
+        if key not in expected:
+            hint = " (embedding LoRA, modules_to_save and trained embeddings are not supported)" \
+                if key.startswith(PREFIX) else f" (peft's keys start with '{PREFIX}')"
+            raise Qwen2PureError(f"{path}: unexpected tensor '{key}': no LoRA layer of the model with "
+                                 f"target_modules={targets!r} has that name{hint}")
+        want = expected[key]
+        if tuple(t.shape) != tuple(want.shape):
+            raise Qwen2PureError(f"{path}: tensor '{key}' has shape {list(t.shape)}, the model and "
+                                 f"{ADAPTER_CONFIG} (r, rank_pattern) imply {list(want.shape)}")
+        if not t.is_floating_point():
+            raise Qwen2PureError(f"{path}: tensor '{key}' has dtype {t.dtype}; expected floating point")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise Qwen2PureError(f"{path}: missing tensors: {', '.join(missing[:3])}{more}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])  # fp16/bf16 files are upcast to the fp32 LoRA dtype, like peft
+            param.requires_grad_(trainable)
+    model.lora_config = _portable_config(
+        targets, r, alpha, dropout, rslora, cfg.get("base_model_name_or_path"), **pats)
+    return model
+
+
+# ---- merging and export ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """W += (B @ A) * scaling for every LoRA layer, replacing each by a plain nn.Linear; returns `model`."""
+    for name, m in lora_modules(model).items():
+        # peft: `base_layer.weight.data += delta_weight` (delta in fp32, rounded into the weight's dtype)
+        m.weight.data += m.delta_weight().to(m.weight.device)
+        with torch.device("meta"):
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        plain.weight = m.weight
+        if m.bias is not None:
+            plain.bias = m.bias
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, os.PathLike], dtype=None,
+                  overwrite: bool = False) -> Path:
+    """Load `source` + `adapter`, merge, and write an HF-layout folder that transformers and `load_model` read.
+
+    Writes config.json (its torch_dtype set to the written dtype), model.safetensors, and the source's
+    tokenizer files and generation_config.json, in a temp folder beside `output` renamed into place at the end.
+    """
+    from .loading import load_model, resolve_source
+    from .loading.gguf import _swap_into_place
+    from .loading.safetensors_io import write_safetensors
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise Qwen2PureError(f"{out}: exists and is not a directory; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise Qwen2PureError(f"{out}: output folder exists and is not empty; pass --overwrite to replace it")
+    src = resolve_source(source)
+    model = merge_lora(load_model(src, dtype=dtype, adapter=adapter))
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.dtype]
+    extra_files: dict[str, str] = {}
+    if src.is_file():  # a GGUF: its config and tokenizer come from the metadata
+        from .loading.gguf import gguf_config, open_gguf
+        from .loading.gguf_tokenizer import gguf_tokenizer_files
+        reader = open_gguf(src)
+        config = gguf_config(reader)
+        tok_json, tok_cfg, gen_cfg = gguf_tokenizer_files(reader)
+        extra_files = {"tokenizer.json": tok_json,
+                       "tokenizer_config.json": json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n",
+                       "generation_config.json": json.dumps(gen_cfg, indent=2) + "\n"}
+    else:
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name  # keep the source's spelling
+    if "dtype" in config and "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+    tied = model.config.tie_word_embeddings
+    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
+             and not k.endswith("rotary_emb.inv_freq")}
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    meta = {"format": "pt", "merged_by": "qwen2-pure export", "adapter": Path(adapter).name}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if src.is_dir():
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                         "special_tokens_map.json", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                         "LICENSE"):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+        write_safetensors(tmp / "model.safetensors", specs, iter(state.items()), meta)
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        tmp.chmod(0o755)
+        _swap_into_place(tmp, out)
+    except OSError as e:
+        raise Qwen2PureError(f"{out}: cannot write the merged model ({e})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
