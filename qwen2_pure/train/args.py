@@ -115,7 +115,7 @@ class TrainArgs:
             bad("optim", "only AdamW (adamw_torch) is implemented")
         if self.report_to not in ("none", "None", ""):
             bad("report_to", "experiment trackers are not integrated; use none (logs go to trainer_log.jsonl)")
-        for flag in ("model_name_or_path", "dataset", "output_dir"):
+        for flag in ("dataset", "output_dir"):  # no --model_name_or_path: the embedded demo model
             if not getattr(self, flag):
                 raise Qwen2PureError(f"--{flag} is required")
         if self.lr_scheduler_type not in SCHEDULERS:

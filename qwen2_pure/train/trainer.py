@@ -121,8 +121,10 @@ class Trainer:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        self.tokenizer = load_tokenizer(args.model_name_or_path)
-        self.model = load_model(args.model_name_or_path, dtype=self.dtype)
+        from ..loading import resolve_source
+        self.base = str(resolve_source(args.model_name_or_path))  # None: the demo checkpoint's folder
+        self.tokenizer = load_tokenizer(self.base)
+        self.model = load_model(self.base, dtype=self.dtype)
         apply_lora(self.model, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
                    dropout=args.lora_dropout, use_rslora=args.use_rslora)
         if args.gradient_checkpointing:
@@ -195,7 +197,7 @@ class Trainer:
         from ..lora import save_adapter
         final = self.out / f"checkpoint-{self.step}"
         tmp = _atomic_dir(final)
-        save_adapter(self.model, tmp, base_model_name_or_path=self.args.model_name_or_path)
+        save_adapter(self.model, tmp, base_model_name_or_path=self.base)
         (tmp / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -301,7 +303,7 @@ class Trainer:
             self.log({"eval_loss": round(self.evaluate(), 6)})
         if args.load_best_model_at_end and self.best:
             load_lora_weights(self.model, self.best[1])
-        save_adapter(self.model, self.out, base_model_name_or_path=args.model_name_or_path)
+        save_adapter(self.model, self.out, base_model_name_or_path=self.base)
         state = self._state()
         (self.out / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         if args.plot_loss:
