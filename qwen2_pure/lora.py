@@ -375,7 +375,7 @@ def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, o
     tokenizer files and generation_config.json, in a temp folder beside `output` renamed into place at the end.
     """
     from .loading import load_model, resolve_source
-    from .loading.gguf import _swap_into_place
+    from .loading.safetensors_io import replace_dir
     from .loading.safetensors_io import write_safetensors
 
     out = Path(output)
@@ -422,7 +422,7 @@ def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, o
         for p in tmp.iterdir():
             p.chmod(0o644)
         tmp.chmod(0o755)
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     except OSError as e:
         raise Qwen2PureError(f"{out}: cannot write the merged model ({e})") from None
     finally:

@@ -604,7 +604,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     from tqdm.auto import tqdm
 
     from .gguf_tokenizer import gguf_tokenizer_files
-    from .safetensors_io import write_safetensors
+    from .safetensors_io import replace_dir, write_safetensors
 
     src, out = Path(gguf_path), Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -653,30 +653,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         for p in tmp.iterdir():
             _public_mode(p, is_dir=False)
         _public_mode(tmp, is_dir=True)
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     except OSError as e:
         raise Qwen2PureError(f"{out}: cannot write the converted model ({e})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder `tmp` to `out`, replacing an existing `out` (already allowed by the caller)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not any(out.iterdir()):
-        out.rmdir()
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    old.rmdir()
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
