@@ -440,11 +440,13 @@ def cmd_train(args) -> int:
         return 0
     from .train.trainer import train
     targs = parse_train_args(args.train_args)
-    for note in targs.notes:
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one set of messages
+    for note in targs.notes if main_rank else ():
         print(f"[train] {note}", file=sys.stderr)
     state = train(targs)
     best = f", best checkpoint {state['best_model_checkpoint']}" if state.get("best_model_checkpoint") else ""
-    print(f"[train] {state['global_step']} steps; adapter in {targs.output_dir}{best}", file=sys.stderr)
+    if main_rank:
+        print(f"[train] {state['global_step']} steps; adapter in {targs.output_dir}{best}", file=sys.stderr)
     return 0
 
 

@@ -15,6 +15,17 @@ trainer_state.json, trainer_log.jsonl and the loss plots.
 Checkpoints hold what an exact resume needs: the adapter, optimizer, scheduler and RNG states and the
 position in the data order (the order of epoch e is a permutation drawn from `seed + e`, so it can be
 regenerated). Every checkpoint folder is written beside its final name and renamed into place.
+
+Several processes (`torchrun --nproc_per_node W ...`, WORLD_SIZE > 1): data parallel through
+torch.distributed (gloo on CPU, nccl on CUDA, each rank on cuda:LOCAL_RANK), same seed on every rank.
+A run on W processes with `per_device_train_batch_size` b is the run of one process with b*W: the global
+micro-batches are the single process's (the epoch permutation from seed + epoch, cut into b*W slices),
+rank r takes the r-th b of each; the loss is normalized over the target tokens of all ranks and all
+accumulated micro-batches (their count all-reduced before the backward passes) and the LoRA gradients are
+all-reduced (summed) after them, so the update, the clipping and the logged loss equal the single
+process's. Evaluation batches are shared round-robin between the ranks and their sums all-reduced. Only
+rank 0 writes files; the others wait at a barrier. Checkpoints are read by every rank on resume (a
+filesystem all ranks see, as with transformers' Trainer).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Qwen2PureError
+from ..loading.safetensors_io import replace_dir
 from .args import TrainArgs
 
 TRAINER_STATE = "trainer_state.json"
@@ -64,6 +76,55 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int((labels != -100).sum())
 
 
+class Dist:
+    """This process's place in a torchrun launch (world 1 when not launched by torchrun)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        self.device = None  # None: load_model's default (CPU), as a single process does
+        if self.world > 1:
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(self.local_rank)
+                self.device = torch.device("cuda", self.local_rank)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo")
+                self.owns_group = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """The element-wise sum over the ranks of a few numbers (float64, so token counts stay exact)."""
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer in the backward pass instead of keeping its activations."""
     from torch.utils.checkpoint import checkpoint
@@ -73,20 +134,9 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def _atomic_dir(final: Path) -> Path:
-    """A temp folder beside `final`; `_commit_dir` renames it into place."""
+    """A temp folder beside `final`; `replace_dir` renames it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 @torch.no_grad()
@@ -113,6 +163,7 @@ class Trainer:
         from .data import SFTCollator, build_sft_data, resolve_pad_token_id
 
         self.args, self.progress = args, progress
+        self.dist = Dist()
         self.out = Path(args.output_dir)
         if self.out.exists() and any(self.out.iterdir()) and not (args.overwrite_output_dir
                                                                    or args.resume_from_checkpoint):
@@ -124,9 +175,14 @@ class Trainer:
         from ..loading import resolve_source
         self.base = str(resolve_source(args.model_name_or_path))  # None: the demo checkpoint's folder
         self.tokenizer = load_tokenizer(self.base)
-        self.model = load_model(self.base, dtype=self.dtype)
+        self.model = load_model(self.base, dtype=self.dtype, device=self.dist.device)
         apply_lora(self.model, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
                    dropout=args.lora_dropout, use_rslora=args.use_rslora)
+        if self.dist.enabled:  # every rank starts from rank 0's LoRA weights, as DDP does
+            import torch.distributed as dist
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, 0)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         data = build_sft_data(self.tokenizer, args.dataset, args.dataset_dir, cutoff_len=args.cutoff_len,
@@ -139,7 +195,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                            eps=args.adam_epsilon, weight_decay=args.weight_decay)
-        micro = args.per_device_train_batch_size
+        micro = args.per_device_train_batch_size * self.dist.world  # the global micro-batch
         self.batches_per_epoch = math.ceil(len(self.train_set) / micro)
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps))
         self.total_steps = args.max_steps if args.max_steps > 0 else \
@@ -159,26 +215,40 @@ class Trainer:
         return torch.randperm(len(self.train_set), generator=g).tolist()
 
     def micro_batches(self):
-        """(epoch, index in epoch, batch) from the current position on, forever (the loop stops it)."""
-        micro = self.args.per_device_train_batch_size
+        """(index in epoch, batch) from the current position on, forever (the loop stops it). Under W ranks
+        the batch is this rank's share of the global micro-batch (None when the last one leaves it none)."""
+        per_rank = self.args.per_device_train_batch_size
+        micro = per_rank * self.dist.world
         while True:
             order = self.epoch_order(self.epoch)
             for b in range(self.batch_in_epoch, self.batches_per_epoch):
                 idx = order[b * micro:(b + 1) * micro]
-                yield b, self.collate([self.train_set[i] for i in idx])
+                if self.dist.enabled:
+                    idx = idx[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
+                yield b, (self._to_device(self.collate([self.train_set[i] for i in idx])) if idx else None)
             self.epoch += 1
             self.batch_in_epoch = 0
+
+    def _to_device(self, batch: dict) -> dict:
+        if self.dist.device is None:
+            return batch
+        return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean token loss over the eval set; under W ranks its batches are dealt round-robin (the same
+        batches as one process's), and every rank must call it."""
         self.model.eval()
         total, count = 0.0, 0
         size = self.args.per_device_eval_batch_size
-        for i in range(0, len(self.eval_set), size):
-            loss, n = token_loss_sum(self.model, self.collate(self.eval_set[i:i + size]))
+        for k, i in enumerate(range(0, len(self.eval_set), size)):
+            if k % self.dist.world != self.dist.rank:
+                continue
+            loss, n = token_loss_sum(self.model, self._to_device(self.collate(self.eval_set[i:i + size])))
             total, count = total + float(loss), count + n
         self.model.train()
+        total, count = self.dist.sum([total, float(count)])
         return total / max(count, 1)
 
     # ---- saving --------------------------------------------------------------------------------
@@ -194,23 +264,30 @@ class Trainer:
         return round(self.step / self.steps_per_epoch, 4)
 
     def save_checkpoint(self) -> Path:
-        from ..lora import save_adapter
         final = self.out / f"checkpoint-{self.step}"
+        if self.dist.main:
+            self._write_checkpoint(final)
+        self.dist.barrier()  # nobody reads or lists checkpoints before rank 0 has written this one
+        return final
+
+    def _write_checkpoint(self, final: Path) -> None:
+        from ..lora import save_adapter
         tmp = _atomic_dir(final)
         save_adapter(self.model, tmp, base_model_name_or_path=self.base)
         (tmp / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                     "python_rng": random.getstate(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                    "step": self.step, "best": self.best, "log_history": self.log_history}, tmp / RESUME_STATE)
-        _commit_dir(tmp, final)
+                    "step": self.step, "best": self.best, "log_history": self.log_history,
+                "world_size": self.dist.world,
+                "global_micro_batch": self.args.per_device_train_batch_size * self.dist.world}, tmp / RESUME_STATE)
+        replace_dir(tmp, final)
         if self.args.save_total_limit:
             keep = {self.best[1]} if self.best else set()
             ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             for old in ckpts[:-self.args.save_total_limit]:
                 if str(old) not in keep:
                     shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def resume(self, checkpoint: str) -> None:
         path = Path(checkpoint)
@@ -219,6 +296,13 @@ class Trainer:
                                  "folder written by qwen2-pure train)")
         load_lora_weights(self.model, path)
         state = torch.load(path / RESUME_STATE, weights_only=False)  # our own file, written by save_checkpoint
+        micro = self.args.per_device_train_batch_size * self.dist.world
+        if state.get("global_micro_batch", micro) != micro:
+            raise Qwen2PureError(
+                f"--resume_from_checkpoint {path}: it was written by a run with {state['global_micro_batch']} "
+                f"examples per micro-batch over all processes ({state.get('world_size', 1)} process(es)); this one "
+                f"has {micro} (--per_device_train_batch_size {self.args.per_device_train_batch_size} x "
+                f"{self.dist.world} process(es)): resume with the same global micro-batch")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -231,34 +315,46 @@ class Trainer:
     def log(self, entry: dict) -> None:
         entry = {**entry, "step": self.step, "epoch": self.epoch_float()}
         self.log_history.append(entry)
+        if not self.dist.main:
+            return
         with open(self.out / TRAINER_LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps({"current_steps": self.step, "total_steps": self.total_steps, **entry}) + "\n")
 
     def train(self) -> dict:
         from tqdm import tqdm
         args = self.args
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()  # every rank has checked output_dir before rank 0 writes into it
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if args.resume_from_checkpoint:
             self.resume(args.resume_from_checkpoint)
         self.model.train()
         accum = args.gradient_accumulation_steps
         batches = self.micro_batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress,
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.progress and self.dist.main),
                    dynamic_ncols=True)
         t0, tokens_seen, window = time.perf_counter(), 0, []
         autocast = torch.autocast(self.model.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         while self.step < self.total_steps:
             group = [next(batches) for _ in range(accum)]
             self.batch_in_epoch = group[-1][0] + 1
-            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group)
-            loss_value = 0.0
+            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group if b is not None)
+            if self.dist.enabled:
+                n_tokens = int(self.dist.sum([float(n_tokens)])[0])
+            loss_value, step_tokens = 0.0, 0
             for _, batch in group:
+                if batch is None:  # this rank's share of the epoch's last micro-batch is empty
+                    continue
                 with autocast:
                     loss_sum, _ = token_loss_sum(self.model, batch)
                 loss = loss_sum / max(n_tokens, 1)  # normalized over the whole accumulation window
                 self.scaler.scale(loss).backward()
                 loss_value += float(loss.detach())
-                tokens_seen += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
+            if self.dist.enabled:
+                loss_value, step_tokens = self.dist.sum([loss_value, float(step_tokens)])
+                self._all_reduce_grads()
+            tokens_seen += int(step_tokens)
             if not math.isfinite(loss_value):
                 bar.close()
                 last = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -290,6 +386,18 @@ class Trainer:
         bar.close()
         return self.finish()
 
+    def _all_reduce_grads(self) -> None:
+        """Sum the LoRA gradients over the ranks (one flat buffer): each rank's loss is already divided by
+        the global token count, so the sum is the single process's gradient."""
+        import torch.distributed as dist
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
     def _maybe_best(self) -> None:
         evals = [e["eval_loss"] for e in self.log_history if "eval_loss" in e and e["step"] == self.step]
         if evals and (self.best is None or evals[-1] < self.best[0]):
@@ -303,11 +411,13 @@ class Trainer:
             self.log({"eval_loss": round(self.evaluate(), 6)})
         if args.load_best_model_at_end and self.best:
             load_lora_weights(self.model, self.best[1])
-        save_adapter(self.model, self.out, base_model_name_or_path=self.base)
         state = self._state()
-        (self.out / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        if args.plot_loss:
-            plot_losses(self.out, self.log_history)
+        if self.dist.main:
+            save_adapter(self.model, self.out, base_model_name_or_path=self.base)
+            (self.out / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            if args.plot_loss:
+                plot_losses(self.out, self.log_history)
+        self.dist.barrier()
         return state
 
 
@@ -346,4 +456,9 @@ def plot_losses(out: Path, history: list[dict]) -> None:
 
 
 def train(args: TrainArgs, progress: bool = True) -> dict:
-    return Trainer(args, progress=progress).train()
+    """Train and return the final trainer state; under torchrun every rank calls this (rank 0 writes)."""
+    trainer = Trainer(args, progress=progress)
+    try:
+        return trainer.train()
+    finally:
+        trainer.dist.close()
