@@ -64,3 +64,47 @@ def make_hf_moe_checkpoint(path, *, heads=14, kv_heads=2, head_dim=32, layers=2,
                 p.normal_(0, 0.08)
     model.save_pretrained(path)
     return model
+
+
+# Common English words: the chat checkpoint gives them large embedding rows so greedy text is varied words.
+WORDS = ("the of and to in is it you that he was for on are with as his they at be this from have or by one had "
+         "not but what all were when we there can an your which their said if do will each about how up out them "
+         "then she many some so these would other into has more her two like him see time could no make than first "
+         "been its who now people my made over did down only way find use may water long little very after words "
+         "called just where most know get through back much before go good new write our used me man too any day "
+         "same right look think also around another came come work three word must because does part even place "
+         "well").split()
+
+
+def make_chat_checkpoint(path, tokenizer_dir, max_new_tokens):
+    """A ~20 MB random tiny Qwen2 with a real tokenizer (the demo's files), whose greedy output is varied text.
+
+    Common words get large embedding rows and the final norm's signs are flipped at random, so greedy decoding
+    does not repeat one token; generation_config.json is the tokenizer's (greedy) plus `max_new_tokens`.
+    """
+    import json
+    import shutil
+
+    from qwen2_pure.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    ids: list[int] = []
+    for w in WORDS:
+        e = tok.encode(" " + w)
+        if len(e) == 1 and e[0] not in ids:
+            ids.append(e[0])
+    model = make_hf_checkpoint(path, heads=2, kv_heads=1, head_dim=16, layers=1, tied=True, intermediate=64,
+                               vocab=151936, seed=0, max_pos=256)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        emb = model.get_input_embeddings().weight
+        emb[ids] = torch.randn(len(ids), emb.shape[1], generator=g)
+        norm = model.model.norm.weight
+        norm.mul_(torch.where(torch.rand(norm.shape, generator=g) < 0.5, -1.0, 1.0))
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, path / name)
+    gen = json.loads((tokenizer_dir / "generation_config.json").read_text(encoding="utf-8"))
+    assert "do_sample" not in gen  # the demo's file: greedy
+    gen["max_new_tokens"] = max_new_tokens
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+    return path

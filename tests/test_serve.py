@@ -30,6 +30,7 @@ import torch
 import qwen2_pure
 from qwen2_pure.sampling import SamplingParams
 from qwen2_pure.serve.engine import Engine, wait_idle
+from hf_utils import WORDS  # common words: the random prompts of the concurrency tests
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -40,13 +41,7 @@ from qwen2_pure.serve.app import create_app  # noqa: E402  (needs fastapi)
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
 MAX_NEW = 16  # generation_config.json's max_new_tokens in the fixture checkpoint
-WORDS = ("the of and to in is it you that he was for on are with as his they at be this from have or by one had "
-         "not but what all were when we there can an your which their said if do will each about how up out them "
-         "then she many some so these would other into has more her two like him see time could no make than first "
-         "been its who now people my made over did down only way find use may water long little very after words "
-         "called just where most know get through back much before go good new write our used me man too any day "
-         "same right look think also around another came come work three word must because does part even place "
-         "well").split()
+
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -54,31 +49,8 @@ WORDS = ("the of and to in is it you that he was for on are with as his they at 
 @pytest.fixture(scope="module")
 def model_dir(demo_tokenizer_dir, tmp_path_factory):
     """A tiny random Qwen2 checkpoint with the demo's tokenizer (greedy generation_config, max_new_tokens 16)."""
-    from hf_utils import make_hf_checkpoint
-
-    from qwen2_pure.tokenizer import Tokenizer
-    tok = Tokenizer.from_dir(demo_tokenizer_dir)
-    ids: list[int] = []
-    for w in WORDS:
-        e = tok.encode(" " + w)
-        if len(e) == 1 and e[0] not in ids:
-            ids.append(e[0])
-    d = tmp_path_factory.mktemp("serve_model")
-    model = make_hf_checkpoint(d, heads=2, kv_heads=1, head_dim=16, layers=1, tied=True, intermediate=64,
-                               vocab=151936, seed=0, max_pos=256)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        emb = model.get_input_embeddings().weight
-        emb[ids] = torch.randn(len(ids), emb.shape[1], generator=g)
-        norm = model.model.norm.weight
-        norm.mul_(torch.where(torch.rand(norm.shape, generator=g) < 0.5, -1.0, 1.0))
-    model.save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(demo_tokenizer_dir / name, d / name)
-    gen = json.loads((demo_tokenizer_dir / "generation_config.json").read_text(encoding="utf-8"))
-    gen["max_new_tokens"] = MAX_NEW
-    (d / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
-    return d
+    from hf_utils import make_chat_checkpoint
+    return make_chat_checkpoint(tmp_path_factory.mktemp("serve_model"), demo_tokenizer_dir, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
