@@ -14,12 +14,11 @@ different model than the one the file describes.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import Qwen2PureError
+from .errors import Qwen2PureError, read_json_object
 
 # Keys that describe the file, the training run or the HF runtime, not the computation.
 _INERT_KEYS = {
@@ -131,16 +130,7 @@ class Qwen2Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Qwen2Config":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise Qwen2PureError(f"{path}: file not found") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise Qwen2PureError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

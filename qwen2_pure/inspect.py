@@ -37,7 +37,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import Qwen2PureError
+from .errors import Qwen2PureError, read_json_object
 from .presets import META_KEYS, config_json, get_preset, is_preset, resolve_preset_name
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -70,12 +70,12 @@ def load_source(source) -> tuple[dict, str, str]:
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise Qwen2PureError(f"{path}: folder has no config.json")
-        return _read_json(cfg_path), path.name or str(path), "folder"
+        return read_json_object(cfg_path), path.name or str(path), "folder"
     if path.is_file():
         if path.suffix != ".json":
             raise Qwen2PureError(f"{path}: expected a checkpoint folder or a config.json file "
                                  "(inspect reads only config.json; convert a .gguf first with `qwen2-pure convert`)")
-        return _read_json(path), str(path), "file"
+        return read_json_object(path), str(path), "file"
     looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".json") or \
         (("/" in text or os.sep in text) and not text.lower().startswith("qwen/"))
     if looks_like_path and not is_preset(text):
@@ -83,15 +83,6 @@ def load_source(source) -> tuple[dict, str, str]:
     preset = get_preset(text)  # raises with close matches for an unknown name
     return preset, resolve_preset_name(text), "preset"
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise Qwen2PureError(f"{path}: expected a JSON object")
-    return d
 
 
 # ---- the architecture numbers a count needs ---------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import Qwen2PureError
+from .errors import Qwen2PureError, read_json_object
 
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model: peft's prefix on every saved key
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -262,12 +262,7 @@ def read_adapter_config(directory: Union[str, os.PathLike]) -> dict:
         raise Qwen2PureError(f"{directory}: adapter folder not found")
     if not path.is_file():
         raise Qwen2PureError(f"{directory}: no {ADAPTER_CONFIG} (is this a peft adapter folder?)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise Qwen2PureError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise Qwen2PureError(f"{path}: peft_type={cfg.get('peft_type')!r}; only LoRA adapters are supported")
     for key, what in _UNSUPPORTED.items():

@@ -24,7 +24,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _RustTokenizer
 
-from .errors import Qwen2PureError
+from .errors import Qwen2PureError, read_json_object
 
 # Template variables transformers fills from the tokenizer's named special tokens.
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -43,13 +43,7 @@ def _read_json_file(path: Path, required: bool) -> Optional[dict]:
         if required:
             raise Qwen2PureError(f"{path}: file not found (a tokenizer folder needs tokenizer.json)")
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise Qwen2PureError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 class Tokenizer:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from ..config import Qwen2Config
-from ..errors import Qwen2PureError
+from ..errors import Qwen2PureError, read_json_object
 from ..model import Qwen2ForCausalLM
 from .safetensors_io import SafetensorsFile
 
@@ -208,12 +208,7 @@ def _load_gguf(path: Path, dtype, device) -> Qwen2ForCausalLM:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
+    return read_json_object(path) if path.is_file() else {}
 
 
 def load_model(source: Source = None, dtype=None, device=None, adapter=None) -> Qwen2ForCausalLM:

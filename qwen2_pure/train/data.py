@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..errors import Qwen2PureError
+from ..errors import Qwen2PureError, read_json_object
 
 IGNORE_INDEX = -100
 
@@ -176,12 +176,7 @@ def load_dataset_info(dataset_dir: Union[str, os.PathLike]) -> dict[str, Dataset
     if not path.is_file():
         raise Qwen2PureError(f"{path}: file not found (--dataset_dir must hold a dataset_info.json that registers "
                              "the datasets named by --dataset)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Qwen2PureError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise Qwen2PureError(f"{path}: expected a JSON object mapping dataset names to entries")
+    info = read_json_object(path, "a JSON object mapping dataset names to entries")
     return {name: parse_dataset_entry(name, entry, str(path)) for name, entry in info.items()}
 
 
