@@ -1,136 +1,586 @@
-"""End-to-end CPU speed: qwen2-pure against transformers on the same checkpoint, prompt and threads.
+"""End-to-end CPU speed: qwen2-pure against transformers and llama.cpp, same checkpoint, prompt and threads.
 
-    python benchmarks/e2e.py                       # the demo model, 512-token prompt, 128 new tokens
-    python benchmarks/e2e.py --model DIR --dtypes float32 bfloat16 --repeats 3 --threads 2
+    python benchmarks/e2e.py                 # demo model; ours fp32/bf16, transformers fp32/bf16, llama.cpp if installed
+    python benchmarks/e2e.py --ours float32 bfloat16 bfloat16+compile int8 int4 --transformers float32 bfloat16 \\
+        --llama bf16 q4_k_m q4_k_m+fa --threads 2 --repeats 3 --out e2e.json --plot e2e.png
 
-Both engines are measured the same way, alternating within each repeat so drift hits both alike:
-time to first token (TTFT) = a generate() of one token (prefill + one sampling step), and decode
-tok/s = (N - 1) / (time of a generate() of N tokens - TTFT). Greedy, no early stop. Medians and
-min/max of the repeats are printed as a markdown table, ratios ours/transformers last, and written
-as JSON next to the table when --out is given.
+Variants. Ours: a dtype (`float32`, `bfloat16`, `float16`) or a weight quantization (`int8`, `int4`, activations
+in bfloat16 unless written `int8:float32`), optionally `+compile`; passed to `qwen2_pure.load_model(path,
+dtype=..., quantize=..., compile=...)` (quantize/compile only when the variant asks). transformers: a dtype,
+default (SDPA) attention. llama.cpp (llama-cpp-python, `pip install 'qwen2-pure[bench]'`): `bf16` or `q4_k_m`
+GGUFs made from the demo checkpoint by benchmarks/gguf_peers.py (or `--llama-gguf NAME=FILE`), `+fa` for
+flash attention.
+
+Method. Every engine variant runs in its own worker process (spawned once; loads once; then answers run
+requests over a pipe), so load time and peak RSS are its own; each worker uses --threads threads. Within each
+repeat the parent asks every worker in turn (drift hits all alike; the others sit idle): TTFT = a generation
+of 1 token (prefill with the output head on the last position only + one greedy pick), then a generation of N
+tokens; prefill tok/s = prompt tokens / TTFT, decode tok/s = (N - 1) / (time of N tokens - TTFT). Greedy, no
+early stop; the prompt is the README's text, repeated, as token ids from our tokenizer (llama.cpp gets the same
+ids). Medians and min–max over the repeats. Peak RSS is the worker's VmHWM (the high-water mark of its own
+address space; ru_maxrss is not used because Linux carries the parent's peak across fork+exec into it).
+
+Machine ceilings, measured in the parent before the engines and again after them: read bandwidth (sum of a
+--bandwidth-mib fp32 tensor, best of several) and matmul rate in fp32 and bf16 (torch.matmul of a prefill's
+MLP shape, (prompt × hidden) @ (hidden × intermediate)). The rooflines use the better of the two measurements:
+
+  decode roofline tok/s  = bandwidth / bytes read per token, where bytes = all linear weights and biases incl.
+                           lm_head at the engine's storage precision (`decode_bytes_per_token`); the KV cache,
+                           norms and the one embedding row are left out. llama.cpp: the GGUF's tensor bytes
+                           minus token_embd (kept when the file has no output.weight).
+  prefill roofline tok/s = matmul rate of the compute dtype / FLOPs per prompt token (`prefill_flops_per_token`):
+                           2·(decoder linear params) + attention 2·H_q·D·(T+1) per layer (QKᵀ and AV over the
+                           causal average of (T+1)/2 keys) + the lm_head's 2·V·H once per prompt, divided by T.
+                           Quantized variants compute in their activation dtype; llama.cpp is rated at fp32.
+
+Output: stderr gets a line per measurement; stdout the markdown table, the machine figures, then the ratios
+ours/peer for every pair of variants, last. --out writes JSON, --plot a PNG (matplotlib).
 """
 
 from __future__ import annotations
 
+# Only the standard library at module level: spawned workers re-import this file, and the llama.cpp worker
+# must not pay for torch in its memory (nor anyone for transformers).
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+FP_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+INT4_GROUP = 32  # int4 weights: one scale and one zero point (activation dtype) per group of 32 along the input
 
-import qwen2_pure as q  # the installed package (pip install -e .)
 
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- roofline arithmetic (pure functions of config.json) ---------------------------------------------------
+
+def model_dims(cfg: dict) -> dict:
+    """The sizes the formulas need, from a config.json dict."""
+    H, nq = cfg["hidden_size"], cfg["num_attention_heads"]
+    return {"H": H, "I": cfg["intermediate_size"], "L": cfg["num_hidden_layers"], "Hq": nq,
+            "Hkv": cfg.get("num_key_value_heads") or nq, "D": cfg.get("head_dim") or H // nq, "V": cfg["vocab_size"]}
+
+
+def linear_params(cfg: dict) -> dict:
+    """Parameter counts of the linears every token goes through.
+
+    decoder: per layer q (H·Hq·D), k and v (H·Hkv·D each), o (Hq·D·H), gate, up, down (H·I each);
+    bias: q, k, v biases; lm_head: V·H (read whether or not it is tied to the embedding);
+    rows: output rows of all those matrices (one int8 scale each).
+    """
+    d = model_dims(cfg)
+    H, I, L, Hq, Hkv, D, V = (d[k] for k in ("H", "I", "L", "Hq", "Hkv", "D", "V"))
+    return {"decoder": L * (H * Hq * D + 2 * H * Hkv * D + Hq * D * H + 3 * H * I),
+            "bias": L * (Hq * D + 2 * Hkv * D), "lm_head": V * H,
+            "rows": L * (Hq * D + 2 * Hkv * D + H + 2 * I + H) + V}
+
+
+def decode_bytes_per_token(cfg: dict, storage: str, act: str = "bfloat16") -> float:
+    """Bytes of weights one decode step reads: matrices at `storage` precision, biases and scales in `act`.
+
+    float32 / bfloat16 / float16: W·bytes; int8: W·1 + one scale per output row; int4: W·0.5 + a scale and a
+    zero point per group of INT4_GROUP inputs. W = decoder + lm_head parameters.
+    """
+    p, a = linear_params(cfg), FP_BYTES[act]
+    w = p["decoder"] + p["lm_head"]
+    if storage in FP_BYTES:
+        return w * FP_BYTES[storage] + p["bias"] * FP_BYTES[storage]
+    if storage == "int8":
+        return w * 1 + p["rows"] * a + p["bias"] * a
+    if storage == "int4":
+        return w * 0.5 + (w / INT4_GROUP) * 2 * a + p["bias"] * a
+    raise ValueError(f"storage {storage!r}: expected one of float32, bfloat16, float16, int8, int4")
+
+
+def prefill_flops_per_token(cfg: dict, T: int) -> float:
+    """FLOPs of a T-token prefill divided by T: decoder linears on every token, causal attention, lm_head once."""
+    d, p = model_dims(cfg), linear_params(cfg)
+    attention = d["L"] * 2 * d["Hq"] * d["D"] * (T + 1)  # per token: 4·Hq·D·(keys seen), averaged (T+1)/2
+    return 2 * p["decoder"] + attention + 2 * p["lm_head"] / T
+
+
+def gguf_weight_bytes(path) -> int:
+    """Bytes of the tensors a llama.cpp decode step reads: all but token_embd (unless it is the output too)."""
+    from qwen2_pure.loading.gguf import open_gguf
+    tensors = {t.name: int(t.n_bytes) for t in open_gguf(path).tensors}
+    total = sum(tensors.values())
+    return total if "output.weight" not in tensors else total - tensors.get("token_embd.weight", 0)
+
+
+# ---- variants ----------------------------------------------------------------------------------------------
+
+def parse_ours(variant: str) -> dict:
+    """'bfloat16+compile' -> load kwargs and the precisions the rooflines use."""
+    base, *flags = variant.split("+")
+    if any(f != "compile" for f in flags):
+        raise ValueError(f"--ours {variant!r}: the only suffix is +compile")
+    kwargs, quant = {}, None
+    if base.split(":")[0] in ("int8", "int4"):
+        quant, _, act = base.partition(":")
+        act = act or "bfloat16"
+        kwargs["quantize"] = quant
+    else:
+        act = base
+    if act not in FP_BYTES:
+        raise ValueError(f"--ours {variant!r}: dtype {act!r} is not one of {sorted(FP_BYTES)}")
+    kwargs["dtype"] = act
+    if flags:
+        kwargs["compile"] = True
+    return {"kwargs": kwargs, "storage": quant or act, "compute": act}
+
+
+def parse_llama(variant: str) -> dict:
+    base, *flags = variant.split("+")
+    if base not in ("bf16", "q4_k_m") or any(f != "fa" for f in flags):
+        raise ValueError(f"--llama {variant!r}: expected bf16 or q4_k_m, optionally +fa")
+    return {"gguf": base, "flash_attn": bool(flags)}
+
+
+# ---- workers -----------------------------------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    """High-water RSS of this process's own address space (VmHWM), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Ours:
+    def __init__(self, spec):
+        import torch
+        import qwen2_pure as q
+        torch.set_num_threads(spec["threads"])
+        self.q = q
+        self.model = q.load_model(spec["path"], **parse_ours(spec["variant"])["kwargs"])
+        self.version = q.__version__
+        # what was loaded, for comparison with decode_bytes_per_token: every parameter and buffer (each tensor
+        # once) except the token embedding, unless the lm_head shares it
+        names, tensors = {}, {}
+        for n, t in [*self.model.named_parameters(remove_duplicate=False),
+                     *self.model.named_buffers(remove_duplicate=False)]:
+            names.setdefault(id(t), []).append(n)
+            tensors[id(t)] = t
+        self.weight_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                                if not all("embed_tokens" in n for n in names[k]))
+
+    def run(self, ids, n):
+        t0 = time.perf_counter()
+        self.q.generate(self.model, [ids], max_new_tokens=n, stop_token_ids=[])
+        return time.perf_counter() - t0
+
+
+class Transformers:
+    def __init__(self, spec):
+        import torch
+        import transformers
+        torch.set_num_threads(spec["threads"])
+        self.torch, self.version = torch, transformers.__version__
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            spec["path"], dtype=getattr(torch, spec["variant"])).eval()
+        self.weight_bytes = None
+
+    def run(self, ids, n):
+        x = self.torch.tensor([ids])
+        t0 = time.perf_counter()
+        with self.torch.inference_mode():
+            self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=0)
+        return time.perf_counter() - t0
+
+
+class LlamaCpp:
+    def __init__(self, spec):
+        import llama_cpp
+        v = parse_llama(spec["variant"])
+        n = spec["prompt_tokens"]
+        self.version = llama_cpp.__version__
+        self.llm = llama_cpp.Llama(model_path=str(spec["gguf_path"]), n_ctx=n + spec["new_tokens"] + 16,
+                                   n_batch=max(n, 32), n_ubatch=max(n, 32), n_threads=spec["threads"],
+                                   n_threads_batch=spec["threads"], logits_all=False, flash_attn=v["flash_attn"],
+                                   verbose=False)
+        self.weight_bytes = None
+
+    def run(self, ids, n):
+        llm = self.llm
+        t0 = time.perf_counter()
+        llm.reset()
+        llm.eval(ids)  # the prompt; logits of the last position only (logits_all=False)
+        tok = llm.sample(temp=0.0, repeat_penalty=1.0)
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = llm.sample(temp=0.0, repeat_penalty=1.0)
+        return time.perf_counter() - t0
+
+
+ENGINES = {"qwen2-pure": Ours, "transformers": Transformers, "llama.cpp": LlamaCpp}
+
+
+def worker_main(conn, spec):
+    """One engine variant: load, warm up, then answer ('run', ids, n) / ('rss',) / ('stop',) requests."""
+    try:
+        t0 = time.perf_counter()
+        eng = ENGINES[spec["engine"]](spec)
+        load_s = time.perf_counter() - t0
+        rss_load = peak_rss_mb()
+        t0 = time.perf_counter()
+        eng.run(spec["warmup_ids"], 2)  # the real prompt length and one decode step (compiles what compiles)
+        conn.send({"ok": True, "load_s": load_s, "warmup_s": time.perf_counter() - t0, "rss_after_load_mb": rss_load,
+                   "version": eng.version, "weight_bytes_loaded": eng.weight_bytes})
+    except BaseException as e:
+        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        return
+    while True:
+        msg = conn.recv()
+        if msg[0] == "run":
+            conn.send(eng.run(msg[1], msg[2]))
+        elif msg[0] == "rss":
+            conn.send(peak_rss_mb())
+        else:
+            return
+
+
+class Worker:
+    def __init__(self, ctx, spec):
+        self.engine, self.variant = spec["engine"], spec["variant"]
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
+        self.proc.start()
+        child.close()
+        self.info = self._recv()
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            return {"ok": False, "error": f"worker exited with code {self.proc.exitcode}"}
+
+    def ask(self, *msg):
+        self.conn.send(msg)
+        out = self._recv()
+        if isinstance(out, dict) and not out.get("ok", True):
+            raise RuntimeError(f"{self.engine} {self.variant}: {out['error']}")
+        return out
+
+    def stop(self):
+        try:
+            self.conn.send(("stop",))
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# ---- machine -----------------------------------------------------------------------------------------------
+
+def _best_time(fn, reps: int, min_s: float = 0.2) -> float:
+    fn()  # warm-up
+    best, total, i = float("inf"), 0.0, 0
+    while i < reps or total < min_s:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, total, i = min(best, dt), total + dt, i + 1
+    return best
+
+
+def measure_machine(threads: int, bandwidth_mib: int, mm_shape: tuple) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(bandwidth_mib * 2**20 // 4, dtype=torch.float32)
+    gbs = x.numel() * 4 / _best_time(lambda: x.sum(), reps=5) / 1e9
+    del x
+    M, K, N = mm_shape
+    rates = {}
+    for name in ("float32", "bfloat16"):
+        dt = getattr(torch, name)
+        a, b = torch.randn(M, K).to(dt), torch.randn(K, N).to(dt)
+        rates[name] = 2 * M * K * N / _best_time(lambda: torch.matmul(a, b), reps=3) / 1e9
+    return {"read_gb_s": gbs, "matmul_gflop_s": rates, "matmul_shape": list(mm_shape),
+            "bandwidth_bytes": bandwidth_mib * 2**20}
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name":
+                model = val.strip()
+            elif key.strip() == "flags":
+                flags = set(val.split())
+            if flags and model:
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "fma")
+    return {"cpu_model": model, "cpu_flags": {f: f in flags for f in wanted}, "cpu_count": os.cpu_count()}
+
+
+# ---- driver ------------------------------------------------------------------------------------------------
 
 def prompt_ids(tok, n: int) -> list[int]:
     """n tokens of real text (the project's README, repeated) so the prompt is not degenerate."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    ids = tok.encode(text)
+    ids = tok.encode((ROOT / "README.md").read_text(encoding="utf-8"))
     while len(ids) < n:
         ids += ids
     return ids[:n]
 
 
-def time_call(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def llama_ggufs(args) -> dict:
+    """{'bf16': path, 'q4_k_m': path} for the requested llama variants, or {} with one line when unavailable."""
+    import importlib.util
+    given = dict(kv.split("=", 1) for kv in args.llama_gguf)
+    if not args.llama:
+        return {}
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp peers skipped: llama-cpp-python is not installed "
+              "(pip install 'qwen2-pure[bench]'; it builds llama.cpp from source, ~15 min)", flush=True)
+        return {}
+    need = sorted({parse_llama(v)["gguf"] for v in args.llama} - set(given))
+    if need:
+        import subprocess
+        p = subprocess.run([sys.executable, str(Path(__file__).with_name("gguf_peers.py")), *need],
+                           stdout=subprocess.PIPE, text=True, check=True)  # progress goes to our stderr
+        given.update(line.split("\t", 1) for line in p.stdout.splitlines() if "\t" in line)
+    return {k: Path(v) for k, v in given.items()}
 
 
-class Ours:
-    name = "qwen2-pure"
-
-    def __init__(self, path, dtype):
-        self.model = q.load_model(path, dtype=dtype)
-
-    def run(self, ids, n):
-        q.generate(self.model, [ids], max_new_tokens=n, stop_token_ids=[])
-
-
-class Transformers:
-    name = "transformers"
-
-    def __init__(self, path, dtype):
-        import transformers
-        self.version = transformers.__version__
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-    def run(self, ids, n):
-        x = torch.tensor([ids])
-        with torch.inference_mode():
-            self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=0)
+def summarize(name, variant, samples, info, prompt_tokens, new_tokens) -> dict:
+    ttft, dec = samples["ttft"], samples["decode"]
+    return {"engine": name, "variant": variant, "ttft_s": statistics.median(ttft),
+            "ttft_s_range": [min(ttft), max(ttft)],
+            "prefill_tok_s": prompt_tokens / statistics.median(ttft),
+            "prefill_tok_s_range": [prompt_tokens / max(ttft), prompt_tokens / min(ttft)],
+            "decode_tok_s": statistics.median(dec), "decode_tok_s_range": [min(dec), max(dec)],
+            "load_s": info["load_s"], "warmup_s": info["warmup_s"], "rss_after_load_mb": info["rss_after_load_mb"],
+            "peak_rss_mb": info["peak_rss_mb"], "weight_bytes_loaded": info.get("weight_bytes_loaded"),
+            "samples": samples}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model folder (default: the demo checkpoint)")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--engines", nargs="+", default=["qwen2-pure", "transformers"])
-    ap.add_argument("--out", default=None, help="write the results as JSON to this file")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    path = q.loading.resolve_source(args.model)
-    ids = prompt_ids(q.load_tokenizer(path), args.prompt_tokens)
-    engines = {"qwen2-pure": Ours, "transformers": Transformers}
-    results = []
-    for dtype in args.dtypes:
-        loaded = []
-        for name in args.engines:
-            t0 = time.perf_counter()
-            eng = engines[name](path, getattr(torch, dtype))
-            eng.load_s = time.perf_counter() - t0
-            eng.run(ids[:16], 2)  # warm-up
-            loaded.append(eng)
-        samples = {e.name: {"ttft": [], "decode": []} for e in loaded}
-        for r in range(args.repeats):
-            for e in loaded:  # alternate engines inside each repeat
-                ttft = time_call(lambda: e.run(ids, 1))
-                total = time_call(lambda: e.run(ids, args.new_tokens))
-                samples[e.name]["ttft"].append(ttft)
-                samples[e.name]["decode"].append((args.new_tokens - 1) / (total - ttft))
-                print(f"[{dtype} repeat {r + 1}/{args.repeats}] {e.name}: TTFT {ttft:.3f} s, "
-                      f"decode {samples[e.name]['decode'][-1]:.2f} tok/s", file=sys.stderr, flush=True)
-        for e in loaded:
-            s = samples[e.name]
-            ttft = statistics.median(s["ttft"])
-            results.append({
-                "engine": e.name, "dtype": dtype, "load_s": e.load_s, "ttft_s": ttft,
-                "prefill_tok_s": args.prompt_tokens / ttft,
-                "prefill_tok_s_range": [args.prompt_tokens / max(s["ttft"]), args.prompt_tokens / min(s["ttft"])],
-                "decode_tok_s": statistics.median(s["decode"]),
-                "decode_tok_s_range": [min(s["decode"]), max(s["decode"])],
-            })
-        del loaded
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpu_count": torch.get_num_threads(), "threads": args.threads, "torch": torch.__version__,
-            "model": str(path), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "command": " ".join(sys.argv)}
-    print(f"\n{meta['date']}, {args.threads} threads, torch {torch.__version__}, {path.name}, "
-          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, medians of {args.repeats}\n")
-    print("| engine | dtype | prefill tok/s (min–max) | TTFT s | decode tok/s (min–max) | load s |")
-    print("|---|---|---|---|---|---|")
+def add_rooflines(r: dict, cfg: dict, machine: dict, T: int, ggufs: dict) -> None:
+    """decode/prefill roofline tok/s and % of them, from the better of the before/after machine figures."""
+    bw = max(m["read_gb_s"] for m in machine.values()) * 1e9
+    rate = {k: max(m["matmul_gflop_s"][k] for m in machine.values()) * 1e9 for k in ("float32", "bfloat16")}
+    if r["engine"] == "qwen2-pure":
+        v = parse_ours(r["variant"])
+        nbytes, compute = decode_bytes_per_token(cfg, v["storage"], v["compute"]), v["compute"]
+    elif r["engine"] == "transformers":
+        nbytes, compute = decode_bytes_per_token(cfg, r["variant"]), r["variant"]
+    else:
+        nbytes, compute = gguf_weight_bytes(ggufs[parse_llama(r["variant"])["gguf"]]), "float32"
+    loaded = r.get("weight_bytes_loaded")
+    if loaded and not 0.9 < loaded / nbytes < 1.1:  # e.g. another int4 group size than INT4_GROUP
+        log(f"note: {r['engine']} {r['variant']} holds {loaded / 1e6:.1f} MB of weights besides the embedding, "
+            f"the roofline formula counts {nbytes / 1e6:.1f} MB read per token")
+    flops = prefill_flops_per_token(cfg, T)
+    r["bytes_per_token"], r["flops_per_prompt_token"], r["prefill_compute_dtype"] = nbytes, flops, compute
+    r["decode_roofline_tok_s"] = bw / nbytes
+    r["prefill_roofline_tok_s"] = rate[compute] / flops if compute in rate else None
+    r["decode_pct_roofline"] = 100 * r["decode_tok_s"] / r["decode_roofline_tok_s"]
+    r["prefill_pct_roofline"] = (100 * r["prefill_tok_s"] / r["prefill_roofline_tok_s"]
+                                 if r["prefill_roofline_tok_s"] else None)
+
+
+def table(results: list[dict]) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{x:.0f} %"
+    lines = ["| engine | variant | prefill tok/s (min–max) | TTFT s | decode tok/s (min–max) | % decode roofline "
+             "| % prefill roofline | load s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lo, hi = r["prefill_tok_s_range"]
         dlo, dhi = r["decode_tok_s_range"]
-        print(f"| {r['engine']} | {r['dtype']} | {r['prefill_tok_s']:.0f} ({lo:.0f}–{hi:.0f}) | {r['ttft_s']:.2f} | "
-              f"{r['decode_tok_s']:.2f} ({dlo:.2f}–{dhi:.2f}) | {r['load_s']:.1f} |")
-    by = {(r["engine"], r["dtype"]): r for r in results}
+        lines.append(f"| {r['engine']} | {r['variant']} | {r['prefill_tok_s']:.1f} ({lo:.1f}–{hi:.1f}) | "
+                     f"{r['ttft_s']:.3f} | {r['decode_tok_s']:.2f} ({dlo:.2f}–{dhi:.2f}) | "
+                     f"{pct(r['decode_pct_roofline'])} | {pct(r['prefill_pct_roofline'])} | {r['load_s']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    ours = [r for r in results if r["engine"] == "qwen2-pure"]
+    peers = [r for r in results if r["engine"] != "qwen2-pure"]
+    return [{"ours": a["variant"], "peer": f"{b['engine']} {b['variant']}",
+             "prefill": a["prefill_tok_s"] / b["prefill_tok_s"], "decode": a["decode_tok_s"] / b["decode_tok_s"]}
+            for a in ours for b in peers]
+
+
+def plot(results: list[dict], path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r['engine']}\n{r['variant']}" for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results)), 4.8))
+    colors = {"qwen2-pure": "tab:blue", "transformers": "tab:orange", "llama.cpp": "tab:green"}
+    for ax, key, name in zip(axes, ("prefill", "decode"), ("prefill tok/s", "decode tok/s")):
+        vals = [r[f"{key}_tok_s"] for r in results]
+        err = [[v - r[f"{key}_tok_s_range"][0] for v, r in zip(vals, results)],
+               [r[f"{key}_tok_s_range"][1] - v for v, r in zip(vals, results)]]
+        xs = range(len(results))
+        ax.bar(xs, vals, yerr=err, capsize=3, color=[colors.get(r["engine"], "gray") for r in results])
+        roof = [r[f"{key}_roofline_tok_s"] for r in results]
+        for x, y in zip(xs, roof):
+            if y:
+                ax.hlines(y, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1)
+        ax.plot([], [], "k--", linewidth=1, label="roofline")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF-layout model folder (default: the demo checkpoint)")
+    ap.add_argument("--ours", nargs="*", default=["float32", "bfloat16"],
+                    help="our variants: float32 | bfloat16 | float16 | int8[:dtype] | int4[:dtype], +compile")
+    ap.add_argument("--transformers", nargs="*", default=["float32", "bfloat16"], help="dtypes; none to skip")
+    ap.add_argument("--llama", nargs="*", default=["bf16", "q4_k_m"], help="bf16 | q4_k_m, +fa; none to skip")
+    ap.add_argument("--llama-gguf", nargs="*", default=[], metavar="NAME=FILE",
+                    help="use these GGUFs (bf16=..., q4_k_m=...) instead of the demo-derived ones")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="threads per engine (default: torch's default)")
+    ap.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the tensor summed for bandwidth")
+    ap.add_argument("--out", default=None, help="write the results as JSON to this file")
+    ap.add_argument("--plot", default=None, help="write a PNG bar chart to this file")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
+        ap.error("--repeats ≥ 1, --new-tokens ≥ 2 (decode needs a second token), --prompt-tokens ≥ 1")
+    try:
+        for v in args.ours:
+            parse_ours(v)
+        for v in args.llama:
+            parse_llama(v)
+    except ValueError as e:
+        ap.error(str(e))
+    for v in args.transformers:
+        if v not in FP_BYTES:
+            ap.error(f"--transformers {v!r}: expected one of {sorted(FP_BYTES)}")
+
+    import multiprocessing as mp
+    import torch
+    import qwen2_pure as q
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if args.model is None:
+        from qwen2_pure.loading.demo import demo_model_dir
+        path = demo_model_dir()
+    else:
+        path = Path(args.model)
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    ids = prompt_ids(q.load_tokenizer(path), args.prompt_tokens)
+    T, N = len(ids), args.new_tokens
+    ggufs = llama_ggufs(args)
+    llama_variants = [v for v in args.llama if parse_llama(v)["gguf"] in ggufs]
+
+    d = model_dims(cfg)
+    mm_shape = (T, d["H"], d["I"])
+    machine = {}
+    log(f"machine (before): {threads} threads, summing {args.bandwidth_mib} MiB, matmul {mm_shape} ...")
+    machine["before"] = measure_machine(threads, args.bandwidth_mib, mm_shape)
+    log(f"machine (before): read {machine['before']['read_gb_s']:.1f} GB/s, matmul "
+        f"{machine['before']['matmul_gflop_s']['float32']:.1f} GFLOP/s fp32, "
+        f"{machine['before']['matmul_gflop_s']['bfloat16']:.1f} bf16")
+
+    specs = [("qwen2-pure", v) for v in args.ours] + [("transformers", v) for v in args.transformers] \
+        + [("llama.cpp", v) for v in llama_variants]
+    ctx = mp.get_context("spawn")
+    workers, skipped = [], []
+    for engine, variant in specs:
+        spec = {"engine": engine, "variant": variant, "path": str(path), "threads": threads,
+                "prompt_tokens": T, "new_tokens": N, "warmup_ids": ids}
+        if engine == "llama.cpp":
+            spec["gguf_path"] = str(ggufs[parse_llama(variant)["gguf"]])
+        log(f"loading {engine} {variant} ...")
+        w = Worker(ctx, spec)
+        if not w.info["ok"]:
+            log(f"{engine} {variant} skipped: {w.info['error']}")
+            log(w.info.get("traceback", ""))
+            skipped.append({"engine": engine, "variant": variant, "error": w.info["error"]})
+            w.stop()
+            continue
+        log(f"loaded {engine} {variant}: {w.info['load_s']:.1f} s, warm-up {w.info['warmup_s']:.1f} s, "
+            f"RSS {w.info['rss_after_load_mb']:.0f} MB")
+        workers.append(w)
+
+    samples = {id(w): {"ttft": [], "decode": []} for w in workers}
+    try:
+        for rep in range(args.repeats):
+            for w in workers:  # alternate inside each repeat
+                ttft = w.ask("run", ids, 1)
+                total = w.ask("run", ids, N)
+                s = samples[id(w)]
+                s["ttft"].append(ttft)
+                s["decode"].append((N - 1) / (total - ttft))
+                log(f"[repeat {rep + 1}/{args.repeats}] {w.engine} {w.variant}: TTFT {ttft:.3f} s "
+                    f"(prefill {T / ttft:.1f} tok/s), {N} tokens {total:.2f} s, decode {s['decode'][-1]:.2f} tok/s")
+        results = []
+        for w in workers:
+            w.info["peak_rss_mb"] = w.ask("rss")
+            results.append(summarize(w.engine, w.variant, samples[id(w)], w.info, T, N))
+    finally:
+        for w in workers:
+            w.stop()
+
+    log("machine (after) ...")
+    machine["after"] = measure_machine(threads, args.bandwidth_mib, mm_shape)
+    for r in results:
+        add_rooflines(r, cfg, machine, T, ggufs)
+
+    versions = {"torch": torch.__version__, "qwen2_pure": q.__version__}
+    for w in workers:
+        if w.engine != "qwen2-pure":
+            versions[w.engine] = w.info["version"]
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_info(), "threads": threads, "versions": versions,
+            "python": platform.python_version(), "model": str(path), "prompt_tokens": T, "new_tokens": N,
+            "repeats": args.repeats, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "int4_group_assumed": INT4_GROUP}
+    flags = ", ".join(k for k, v in meta["cpu_flags"].items() if v) or "none of the listed"
+    title = (f"{meta['date'][:10]}, {meta['cpu_model']} ({flags}), {threads} threads, torch {torch.__version__}, "
+             f"{path.name}, {T}-token prompt, {N} new tokens, medians of {args.repeats}")
+    print(f"\n{title}\n")
+    print(table(results))
     print()
-    for dtype in args.dtypes:
-        a, b = by.get(("qwen2-pure", dtype)), by.get(("transformers", dtype))
-        if a and b:
-            print(f"ours/transformers {dtype}: prefill {a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x, "
-                  f"decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x")
+    for k, m in machine.items():
+        mm = m["matmul_gflop_s"]
+        print(f"machine {k}: read {m['read_gb_s']:.1f} GB/s; matmul {tuple(m['matmul_shape'])} "
+              f"{mm['float32']:.1f} GFLOP/s fp32, {mm['bfloat16']:.1f} GFLOP/s bf16")
+    for s in skipped:
+        print(f"skipped {s['engine']} {s['variant']}: {s['error']}")
+    rs = ratios(results)
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        Path(args.out).write_text(json.dumps({"meta": meta, "machine": machine, "results": results,
+                                              "skipped": skipped, "ratios": rs}, indent=2))
+        log(f"wrote {args.out}")
+    if args.plot:
+        try:
+            plot(results, args.plot, title)
+            log(f"wrote {args.plot}")
+        except ImportError:
+            log("--plot skipped: matplotlib is not installed (pip install matplotlib)")
+    print()
+    for r in rs:
+        print(f"ours {r['ours']} / {r['peer']}: prefill {r['prefill']:.2f}x, decode {r['decode']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""benchmarks/e2e.py: the roofline formulas against a hand count, and a smoke run on a tiny checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import e2e  # noqa: E402  (standard library only at import time)
+
+# the tiny config of make_chat_checkpoint: hidden 32 = 2 query heads of 16, 1 KV head, 1 layer, MLP 64
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def test_linear_params_hand_count():
+    # q 32·32, k 32·16, v 32·16, o 32·32, gate/up/down 32·64 each
+    assert e2e.linear_params(TINY) == {
+        "decoder": 1024 + 512 + 512 + 1024 + 3 * 2048, "bias": 32 + 16 + 16, "lm_head": 151936 * 32,
+        "rows": 32 + 16 + 16 + 32 + 64 + 64 + 32 + 151936}
+
+
+def test_linear_params_match_the_model():
+    torch = pytest.importorskip("torch")
+    from qwen2_pure import Qwen2Config, Qwen2ForCausalLM
+    cfg = {**TINY, "num_hidden_layers": 3, "num_attention_heads": 7, "num_key_value_heads": 7, "hidden_size": 112,
+           "intermediate_size": 96, "vocab_size": 300, "tie_word_embeddings": False, "model_type": "qwen2"}
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config.from_dict(cfg))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    p = e2e.linear_params(cfg)
+    assert sum(m.weight.numel() for m in linears) == p["decoder"] + p["lm_head"]
+    assert sum(m.bias.numel() for m in linears if m.bias is not None) == p["bias"]
+    assert sum(m.out_features for m in linears) == p["rows"]
+
+
+def test_decode_bytes_hand_count():
+    w = 9216 + 151936 * 32  # decoder linears + lm_head
+    assert e2e.decode_bytes_per_token(TINY, "float32") == w * 4 + 64 * 4
+    assert e2e.decode_bytes_per_token(TINY, "bfloat16") == w * 2 + 64 * 2
+    assert e2e.decode_bytes_per_token(TINY, "int8") == w + (256 + 151936) * 2 + 64 * 2   # a bf16 scale per row
+    assert e2e.decode_bytes_per_token(TINY, "int8", "float32") == w + (256 + 151936) * 4 + 64 * 4
+    assert e2e.decode_bytes_per_token(TINY, "int4") == w / 2 + w / 32 * 4 + 64 * 2       # bf16 scale + zero / 32
+    with pytest.raises(ValueError):
+        e2e.decode_bytes_per_token(TINY, "int3")
+
+
+def test_prefill_flops_hand_count():
+    T = 16
+    # attention: token t sees t+1 keys; QKᵀ and AV cost 2·D each per key and query head
+    attention = sum(4 * 16 * 2 * (t + 1) for t in range(T)) / T
+    assert attention == 1088
+    assert e2e.prefill_flops_per_token(TINY, T) == pytest.approx(2 * 9216 + attention + 2 * 151936 * 32 / T)
+
+
+def test_variant_parsing():
+    assert e2e.parse_ours("float32") == {"kwargs": {"dtype": "float32"}, "storage": "float32", "compute": "float32"}
+    assert e2e.parse_ours("bfloat16+compile")["kwargs"] == {"dtype": "bfloat16", "compile": True}
+    assert e2e.parse_ours("int8") == {"kwargs": {"quantize": "int8", "dtype": "bfloat16"}, "storage": "int8",
+                                      "compute": "bfloat16"}
+    assert e2e.parse_ours("int4:float32+compile")["kwargs"] == {"quantize": "int4", "dtype": "float32",
+                                                                "compile": True}
+    assert e2e.parse_llama("q4_k_m+fa") == {"gguf": "q4_k_m", "flash_attn": True}
+    for bad in ("int8+fast", "float8", "int4:int8"):
+        with pytest.raises(ValueError):
+            e2e.parse_ours(bad)
+    with pytest.raises(ValueError):
+        e2e.parse_llama("q8_0")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(demo_tokenizer_dir, tmp_path_factory):
+    from hf_utils import make_chat_checkpoint
+    return make_chat_checkpoint(tmp_path_factory.mktemp("e2e_tiny"), demo_tokenizer_dir, max_new_tokens=8)
+
+
+def test_smoke_run(tiny_dir, tmp_path):
+    out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--model", str(tiny_dir),
+                        "--ours", "float32", "--transformers", "float32", "--llama", "--prompt-tokens", "16",
+                        "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--bandwidth-mib", "64",
+                        "--out", str(out), "--plot", str(png)],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get(
+                           "PYTHONPATH")]))})  # this checkout's package, installed or not
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [(r["engine"], r["variant"]) for r in data["results"]] == [("qwen2-pure", "float32"),
+                                                                       ("transformers", "float32")]
+    for r in data["results"]:
+        for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "decode_roofline_tok_s",
+                    "prefill_roofline_tok_s", "decode_pct_roofline", "prefill_pct_roofline"):
+            assert r[key] > 0, (r["engine"], key, r[key])
+        assert r["peak_rss_mb"] >= r["rss_after_load_mb"] > 50  # torch alone is more than 50 MB
+        assert len(r["samples"]["ttft"]) == 1
+        assert r["bytes_per_token"] == e2e.decode_bytes_per_token(TINY, "float32")
+    for m in data["machine"].values():
+        assert m["read_gb_s"] > 0 and m["matmul_gflop_s"]["float32"] > 0 and m["matmul_gflop_s"]["bfloat16"] > 0
+    meta = data["meta"]
+    assert meta["threads"] == 1 and meta["prompt_tokens"] == 16 and meta["new_tokens"] == 4
+    assert meta["cpu_model"] and "avx512f" in meta["cpu_flags"] and "transformers" in meta["versions"]
+    assert "| engine | variant | prefill tok/s (min–max) |" in p.stdout
+    assert "| qwen2-pure | float32 |" in p.stdout and "| transformers | float32 |" in p.stdout
+    assert p.stdout.strip().splitlines()[-1].startswith("ours float32 / transformers float32: prefill ")
+    assert "[repeat 1/1] qwen2-pure float32" in p.stderr
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
