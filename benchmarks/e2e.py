@@ -22,7 +22,8 @@ address space; ru_maxrss is not used because Linux carries the parent's peak acr
 
 Machine ceilings, measured in the parent before the engines and again after them: read bandwidth (sum of a
 --bandwidth-mib fp32 tensor, best of several) and matmul rate in fp32 and bf16 (torch.matmul of a prefill's
-MLP shape, (prompt × hidden) @ (hidden × intermediate)). The rooflines use the better of the two measurements:
+MLP shape, (prompt × hidden) @ (hidden × intermediate), the better of a (K, N) right operand and the transpose
+of an (N, K) one as nn.Linear stores it: on CPUs without bf16 arithmetic the two differ by up to 7x in bf16). The rooflines use the better of the two measurements:
 
   decode roofline tok/s  = bandwidth / bytes read per token, where bytes = all linear weights and biases incl.
                            lm_head at the engine's storage precision (`decode_bytes_per_token`); the KV cache,
@@ -33,8 +34,9 @@ MLP shape, (prompt × hidden) @ (hidden × intermediate)). The rooflines use the
                            causal average of (T+1)/2 keys) + the lm_head's 2·V·H once per prompt, divided by T.
                            Quantized variants compute in their activation dtype; llama.cpp is rated at fp32.
 
-Output: stderr gets a line per measurement; stdout the markdown table, the machine figures, then the ratios
-ours/peer for every pair of variants, last. --out writes JSON, --plot a PNG (matplotlib).
+Output: stderr gets a line per measurement; stdout the markdown table, the machine figures, how many greedy
+tokens of each engine equal the first engine's (a check that all did the same work), then the ratios ours/peer
+for every pair of variants, last. --out writes JSON, --plot a PNG (matplotlib).
 """
 
 from __future__ import annotations
@@ -178,8 +180,8 @@ class Ours:
 
     def run(self, ids, n):
         t0 = time.perf_counter()
-        self.q.generate(self.model, [ids], max_new_tokens=n, stop_token_ids=[])
-        return time.perf_counter() - t0
+        [new] = self.q.generate(self.model, [ids], max_new_tokens=n, stop_token_ids=[])
+        return time.perf_counter() - t0, list(new)
 
 
 class Transformers:
@@ -196,9 +198,10 @@ class Transformers:
         x = self.torch.tensor([ids])
         t0 = time.perf_counter()
         with self.torch.inference_mode():
-            self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=0)
-        return time.perf_counter() - t0
+            out = self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, top_k=None, top_p=None, temperature=None,
+                                      pad_token_id=0)
+        return time.perf_counter() - t0, out[0, len(ids):].tolist()
 
 
 class LlamaCpp:
@@ -218,11 +221,11 @@ class LlamaCpp:
         t0 = time.perf_counter()
         llm.reset()
         llm.eval(ids)  # the prompt; logits of the last position only (logits_all=False)
-        tok = llm.sample(temp=0.0, repeat_penalty=1.0)
+        new = [llm.sample(temp=0.0, repeat_penalty=1.0)]
         for _ in range(n - 1):
-            llm.eval([tok])
-            tok = llm.sample(temp=0.0, repeat_penalty=1.0)
-        return time.perf_counter() - t0
+            llm.eval(new[-1:])
+            new.append(llm.sample(temp=0.0, repeat_penalty=1.0))
+        return time.perf_counter() - t0, new
 
 
 ENGINES = {"qwen2-pure": Ours, "transformers": Transformers, "llama.cpp": LlamaCpp}
@@ -304,12 +307,15 @@ def measure_machine(threads: int, bandwidth_mib: int, mm_shape: tuple) -> dict:
     gbs = x.numel() * 4 / _best_time(lambda: x.sum(), reps=5) / 1e9
     del x
     M, K, N = mm_shape
-    rates = {}
+    by_layout = {}
     for name in ("float32", "bfloat16"):
         dt = getattr(torch, name)
         a, b = torch.randn(M, K).to(dt), torch.randn(K, N).to(dt)
-        rates[name] = 2 * M * K * N / _best_time(lambda: torch.matmul(a, b), reps=3) / 1e9
-    return {"read_gb_s": gbs, "matmul_gflop_s": rates, "matmul_shape": list(mm_shape),
+        w = b.t().contiguous()  # (N, K): how nn.Linear stores its weight
+        by_layout[name] = {layout: 2 * M * K * N / _best_time(f, reps=3) / 1e9 for layout, f in
+                           (("a@b", lambda: torch.matmul(a, b)), ("a@w.t()", lambda: torch.matmul(a, w.t())))}
+    return {"read_gb_s": gbs, "matmul_gflop_s": {k: max(v.values()) for k, v in by_layout.items()},
+            "matmul_gflop_s_by_layout": by_layout, "matmul_shape": list(mm_shape),
             "bandwidth_bytes": bandwidth_mib * 2**20}
 
 
@@ -435,13 +441,10 @@ def plot(results: list[dict], path, title: str) -> None:
         for x, y in zip(xs, roof):
             if y:
                 ax.hlines(y, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1)
-        ax.plot([], [], "k--", linewidth=1, label="roofline")
-        ax.set_yscale("log")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=7)
-        ax.set_title(name)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        ax.set_title(f"{name} (median, min–max; dashed: roofline)", fontsize=9)
+    fig.suptitle(title.replace(" threads, ", " threads,\n", 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -527,8 +530,8 @@ def main(argv=None):
     try:
         for rep in range(args.repeats):
             for w in workers:  # alternate inside each repeat
-                ttft = w.ask("run", ids, 1)
-                total = w.ask("run", ids, N)
+                ttft, _ = w.ask("run", ids, 1)
+                total, w.tokens = w.ask("run", ids, N)
                 s = samples[id(w)]
                 s["ttft"].append(ttft)
                 s["decode"].append((N - 1) / (total - ttft))
@@ -538,6 +541,10 @@ def main(argv=None):
         for w in workers:
             w.info["peak_rss_mb"] = w.ask("rss")
             results.append(summarize(w.engine, w.variant, samples[id(w)], w.info, T, N))
+            # the greedy tokens of the last N-token run, and how many lead the same as the first engine's
+            results[-1]["tokens"] = w.tokens
+            results[-1]["same_tokens_as_first"] = next(
+                (i for i, (a, b) in enumerate(zip(w.tokens, workers[0].tokens)) if a != b), N)
     finally:
         for w in workers:
             w.stop()
@@ -565,6 +572,10 @@ def main(argv=None):
         mm = m["matmul_gflop_s"]
         print(f"machine {k}: read {m['read_gb_s']:.1f} GB/s; matmul {tuple(m['matmul_shape'])} "
               f"{mm['float32']:.1f} GFLOP/s fp32, {mm['bfloat16']:.1f} GFLOP/s bf16")
+    if len(results) > 1:
+        print(f"greedy tokens equal to {results[0]['engine']} {results[0]['variant']}'s before the first "
+              "difference: " + ", ".join(f"{r['engine']} {r['variant']} {r['same_tokens_as_first']}/{N}"
+                                          for r in results[1:]))
     for s in skipped:
         print(f"skipped {s['engine']} {s['variant']}: {s['error']}")
     rs = ratios(results)

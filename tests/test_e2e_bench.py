@@ -98,6 +98,7 @@ def test_smoke_run(tiny_dir, tmp_path):
         assert r["peak_rss_mb"] >= r["rss_after_load_mb"] > 50  # torch alone is more than 50 MB
         assert len(r["samples"]["ttft"]) == 1
         assert r["bytes_per_token"] == e2e.decode_bytes_per_token(TINY, "float32")
+        assert len(r["tokens"]) == 4 and r["same_tokens_as_first"] == 4  # fp32, same ids: the same greedy tokens
     for m in data["machine"].values():
         assert m["read_gb_s"] > 0 and m["matmul_gflop_s"]["float32"] > 0 and m["matmul_gflop_s"]["bfloat16"] > 0
     meta = data["meta"]
