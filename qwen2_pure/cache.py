@@ -19,12 +19,24 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    @classmethod
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache over existing (L, B, H_kv, T_max, D) buffers (no copy)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len = k, v, k.shape[3]
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H_kv, T, D) at slots input_pos (T,); return keys/values of slots 0..last."""
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, static: bool = False):
+        """Store k, v (B, H_kv, T, D) at slots input_pos (T,); return keys/values of slots 0..last
+        (of every slot with `static`: shapes fixed, no read of input_pos's value)."""
+        if static:
+            self.k[layer].index_copy_(2, input_pos, k)
+            self.v[layer].index_copy_(2, input_pos, v)
+            return self.k[layer], self.v[layer]
         kv_len = int(input_pos[-1]) + 1
         if kv_len > self.max_len:
             raise IndexError(f"KV cache holds {self.max_len} slots, slot {kv_len - 1} was written")

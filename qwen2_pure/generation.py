@@ -84,6 +84,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     ids, mask = ids.to(device), mask.to(device)
     mask_arg = None if min(lens) == P else mask  # no padding: the plain causal path
 
+    step_fn = getattr(model, "decode_step", None)
     cache = model.new_cache(B, total)
     penalties = PenaltyState([list(p) for p in prompts], model.config.vocab_size, device=device)
     generators = make_generators(seed, B)
@@ -106,8 +107,12 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         slot = P + step
         mask[:, slot] = 1  # finished rows keep decoding pad tokens, as transformers does; nobody reads them
         feed = torch.where(tokens < 0, torch.full_like(tokens, pad), tokens)
-        logits = model(feed[:, None], attention_mask=None if mask_arg is None else mask[:, :slot + 1],
-                       cache=cache, input_pos=torch.tensor([slot], device=device), last_only=True)[:, -1].float()
+        input_pos = torch.tensor([slot], device=device)
+        if step_fn is not None:  # fixed shapes: compiled on CPU, a CUDA graph on CUDA (qwen2_pure.fast)
+            logits = step_fn(feed[:, None], input_pos, None if mask_arg is None else mask, cache)
+        else:
+            logits = model(feed[:, None], attention_mask=None if mask_arg is None else mask[:, :slot + 1],
+                           cache=cache, input_pos=input_pos, last_only=True)[:, -1].float()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,

@@ -36,6 +36,14 @@ from .config import Qwen2Config
 from .errors import Qwen2PureError
 
 
+class Linear(nn.Linear):
+    """nn.Linear through `ops.linear` (the same product; on CPUs without bf16 instructions a prompt-sized
+    bf16 one runs as an fp32 GEMM). The parameters, their names and `isinstance(m, nn.Linear)` are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -120,12 +128,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], input_pos):
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], input_pos, static: bool = False):
         B, T, _ = x.shape
         # (B, T, H*D) -> (B, H, T, D): the biases are added before RoPE, as in the reference
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -133,7 +141,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin)
         if cache is not None:  # write the new keys at their slots, read back every slot seen so far
-            k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, S, D)
+            k, v = cache.update(self.layer_idx, input_pos, k, v, static)  # (B, H_kv, S, D)
         out = ops.attention(q, k, v, mask, self.head_dim ** -0.5)  # (B, H_q, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -143,9 +151,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -164,10 +172,10 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x):
         B, T, H = x.shape
@@ -195,8 +203,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, masks, cache, input_pos):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.window], cache, input_pos)
+    def forward(self, h, cos, sin, masks, cache, input_pos, static=False):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.window], cache, input_pos, static)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -233,12 +241,12 @@ class Qwen2ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Qwen2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share one tensor between embed_tokens and lm_head when the config says so (re-run after loading)."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a quantized head
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
@@ -260,7 +268,8 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
-                input_pos: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor] = None, last_only: bool = False,
+                static: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) — or (B, 1, vocab) with `last_only` — for `input_ids` (B, T).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, over every slot seen so
@@ -269,11 +278,15 @@ class Qwen2ForCausalLM(nn.Module):
         position_ids: (B, T) RoPE positions; default: the slots (0.. without a cache, input_pos with one).
         cache, input_pos: a KVCache and the slots (T,) this call writes, e.g. arange(T) for a prefill
             and tensor([t]) for the decode step of token t. Without a cache the call is a full forward.
+        static: attend over every slot of the cache (the unwritten ones masked) instead of slots [0, last]:
+            shapes then never change from one step to the next and nothing waits for a tensor's value,
+            which is what torch.compile and CUDA graphs need (`qwen2_pure.fast`). Needs a cache, and
+            position_ids or attention_mask.
         """
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device)
-        kv_len = int(input_pos[-1]) + 1
+        kv_len = cache.max_len if static else int(input_pos[-1]) + 1
         if position_ids is None:
             if attention_mask is not None:
                 pos = attention_mask.long().cumsum(-1) - 1
@@ -286,7 +299,7 @@ class Qwen2ForCausalLM(nn.Module):
         masks = {w: attention_mask_4d(input_pos, kv_len, attention_mask, w, h.dtype)
                  for w in {layer.window for layer in self.model.layers}}
         for layer in self.model.layers:
-            h = layer(h, cos, sin, masks, cache, input_pos)
+            h = layer(h, cos, sin, masks, cache, input_pos, static)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))

@@ -19,6 +19,41 @@ import torch
 import torch.nn.functional as F
 
 _BACKENDS = ("auto", "torch", "triton")
+_native_bf16 = None  # whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), probed once
+
+
+def fast() -> bool:
+    """The QWEN2_PURE_FAST setting (default 1): take the fast CPU paths below. 0 keeps transformers' eager op
+    order everywhere, which is what makes logits bit-identical to its eager attention (the parity tests)."""
+    value = os.environ.get("QWEN2_PURE_FAST", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"QWEN2_PURE_FAST={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+def native_bf16() -> bool:
+    global _native_bf16
+    if _native_bf16 is None:
+        cpu = torch.cpu
+        _native_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                            or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return _native_bf16
+
+
+# rows (tokens) from which a bf16/fp16 product on a CPU without native bf16 runs as an fp32 GEMM instead
+UPCAST_FROM_ROWS = 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, except for prompt-sized bf16/fp16 products on a CPU without bf16 instructions: there
+    oneDNN emulates bf16 at ~1/6 of the fp32 GEMM rate, so the operands are widened to fp32 (exact) and
+    the fp32 result rounded back, the accumulation being fp32 in both cases. Decode-sized products stay
+    bf16: they are bound by reading the weight, and bf16 reads half the bytes."""
+    if (x.dtype in (torch.bfloat16, torch.float16) and not x.is_cuda and x.numel() >= UPCAST_FROM_ROWS * x.shape[-1]
+            and not native_bf16() and fast() and not torch.is_grad_enabled()):
+        out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return out.to(x.dtype)
+    return F.linear(x, weight, bias)
 _kernels = None  # qwen2_pure.kernels once imported; False when triton is missing
 
 
@@ -96,6 +131,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kern = _triton(q, k, v)
     if kern and D in (16, 32, 64, 128, 256):
         return _triton_attention(kern, q, k, v, mask, scale)
+    if fast() and not q.is_cuda:  # PyTorch's fused CPU attention (flash-style, reads K/V once per group)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H_q != H_kv)
     n_rep = H_q // H_kv
     qg = q.reshape(B, H_kv, n_rep * T, D)  # (B, H_kv, n_rep*T, D)
     scores = torch.matmul(qg, k.transpose(2, 3)) * scale  # (B, H_kv, n_rep*T, S)

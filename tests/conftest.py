@@ -1,3 +1,10 @@
+# The parity tests compare against transformers' eager attention bit for bit, which is qwen2-pure's exact
+# mode (QWEN2_PURE_FAST=0). The fast CPU paths (SDPA, fp32 GEMMs for bf16 prompts) are tested against
+# transformers' SDPA path with a tolerance in tests/test_fast.py, which turns them on where it needs them.
+import os as _os_fast
+
+_os_fast.environ.setdefault("QWEN2_PURE_FAST", "0")
+_os_fast.environ.setdefault("QWEN2_PURE_COMPILE", "1")
 
 
 # ---- GGUF fixtures (tests/test_gguf.py) -------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import Qwen2Config
 from ..errors import Qwen2PureError, read_json_object
 from ..model import Qwen2ForCausalLM
+from ..quant import QuantLinear, check_mode, mode_for, quantizable
 from .safetensors_io import SafetensorsFile
 
 Source = Union[str, os.PathLike, None]
@@ -118,10 +119,22 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 class _StrictAssigner:
     """Assigns checkpoint tensors to a meta-device model, checking names and shapes as it goes."""
 
-    def __init__(self, model: Qwen2ForCausalLM, dtype: torch.dtype, device):
+    def __init__(self, model: Qwen2ForCausalLM, dtype: torch.dtype, device, quantize: Optional[str] = None):
         self.model, self.dtype, self.device = model, dtype, device
+        self.quantized: dict[str, QuantLinear] = {}
+        if quantize is not None:  # swap the target linears for (empty) quantized ones, filled as weights arrive
+            with torch.device("meta"):
+                for name, module in list(model.named_modules()):
+                    if isinstance(module, nn.Linear) and quantizable(name):
+                        parent, _, attr = name.rpartition(".")
+                        q = QuantLinear(module.in_features, module.out_features, module.bias is not None,
+                                        mode_for(name, quantize), dtype=dtype)
+                        setattr(model.get_submodule(parent) if parent else model, attr, q)
+                        self.quantized[name + ".weight"] = q
+            model.quantization = quantize
         # named_parameters() lists a tied lm_head once, under model.embed_tokens.weight
         self.expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.expected.update({n: (q.out_features, q.in_features) for n, q in self.quantized.items()})
         self.loaded: set[str] = set()
         self.tied = model.config.tie_word_embeddings
 
@@ -140,15 +153,22 @@ class _StrictAssigner:
             raise Qwen2PureError(f"{where}: tensor '{name}' has shape {list(shape)}, the config implies {list(want)}")
         t = fetch()
         # a memory-mapped view must be copied out of the file; a freshly dequantized tensor need not be
-        t = t.to(device=self.device, dtype=self.dtype, copy=not fresh)
-        _set_parameter(self.model, name, t)
+        if name in self.quantized:  # quantized right away: the float weight never stays in memory
+            self.quantized[name].load_weight(t)
+            self.quantized[name].to(self.device)
+        else:
+            t = t.to(device=self.device, dtype=self.dtype, copy=not fresh)
+            _set_parameter(self.model, name, t)
         self.loaded.add(name)
 
     def finish(self, where: str) -> Qwen2ForCausalLM:
-        missing = sorted(set(self.expected) - self.loaded)
+        missing = sorted(set(self.expected) - self.loaded - ({"lm_head.weight"} if self.tied else set()))
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise Qwen2PureError(f"{where}: missing tensors: {', '.join(missing[:5])}{more}")
+        head = self.quantized.get("lm_head.weight")
+        if self.tied and head is not None:  # a tied head gets its own quantized copy of the embedding
+            head.load_weight(self.model.model.embed_tokens.weight)
         self.model.tie_weights()
         return self.model.eval()
 
@@ -169,10 +189,10 @@ def _build(cfg: Qwen2Config) -> Qwen2ForCausalLM:
         return Qwen2ForCausalLM(cfg)
 
 
-def _load_folder(folder: Path, dtype, device) -> Qwen2ForCausalLM:
+def _load_folder(folder: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM:
     cfg = Qwen2Config.from_file(folder / "config.json")
     files = _checkpoint_files(folder)
-    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, cfg.torch_dtype), device)
+    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, cfg.torch_dtype), device, quantize)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
@@ -191,13 +211,13 @@ def _load_folder(folder: Path, dtype, device) -> Qwen2ForCausalLM:
     return model
 
 
-def _load_gguf(path: Path, dtype, device) -> Qwen2ForCausalLM:
+def _load_gguf(path: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM:
     from .gguf import gguf_config, iter_gguf_tensors, open_gguf
     from .gguf_tokenizer import gguf_tokenizer_files
     reader = open_gguf(path)
     cfg = Qwen2Config.from_dict(gguf_config(reader), source=str(path))
     # GGUF tensors are quantized: they are dequantized to fp32 one at a time, then cast
-    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, "float32"), device)
+    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, "float32"), device, quantize)
     for name, tensor in iter_gguf_tensors(reader):
         if assigner.wants(name, str(path)):
             assigner.assign(name, tuple(tensor.shape), lambda: tensor, str(path), fresh=True)
@@ -211,7 +231,8 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path) if path.is_file() else {}
 
 
-def load_model(source: Source = None, dtype=None, device=None, adapter=None) -> Qwen2ForCausalLM:
+def load_model(source: Source = None, dtype=None, device=None, adapter=None, quantize: Optional[str] = None,
+               compile: bool = False) -> Qwen2ForCausalLM:
     """Load a Qwen2 model from a folder, a .gguf file, a modelscope id, or (None) the demo checkpoint.
 
     dtype: torch dtype or name; None/'auto' takes config.json's `torch_dtype` (fp32 when absent).
@@ -219,17 +240,28 @@ def load_model(source: Source = None, dtype=None, device=None, adapter=None) -> 
     `model.generation_config` (a dict; empty when the folder has no generation_config.json).
     adapter: a peft LoRA adapter folder (ours or peft's), applied unmerged on top of the base
     (see `qwen2_pure.lora.load_adapter`).
+    quantize: None, "int8" or "int4": weight-only quantization of the linear layers, done tensor by tensor
+    while loading (`qwen2_pure.quant`); the activations keep `dtype`.
+    compile: compile the decode step with torch.compile (`qwen2_pure.fast`); the first generation pays the
+    compilation. Off by default; `QWEN2_PURE_COMPILE=0` turns it off everywhere.
     """
+    quantize = check_mode(quantize)
     path = resolve_source(source)
+    if quantize is not None and adapter is not None:
+        raise Qwen2PureError("adapter= and quantize= together are not supported: merge the adapter first "
+                             "(qwen2-pure export), then quantize the merged model")
     if adapter is not None:  # a bad adapter folder fails before minutes of loading the base
         from ..lora import read_adapter_config
         read_adapter_config(adapter)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    model = _load_gguf(path, dtype, device) if path.is_file() else _load_folder(path, dtype, device)
+    model = _load_gguf(path, dtype, device, quantize) if path.is_file() else _load_folder(path, dtype, device, quantize)
     if adapter is not None:
         from ..lora import load_adapter
         load_adapter(model, adapter)
         model.adapter = str(adapter)
+    if compile:
+        from ..fast import enable_compile
+        enable_compile(model)
     return model
 
 

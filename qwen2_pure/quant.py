@@ -1,0 +1,185 @@
+"""Weight-only quantization of the linear layers: per-channel int8 and group-wise int4.
+
+    model = q.load_model(path, quantize="int8")      # or "int4"; quantized tensor by tensor while loading
+    quantize_model(model, "int4")                      # or after loading a float model
+
+Only the weights are quantized; activations, the KV cache, norms, the embedding table and the q/k/v
+biases keep the model's dtype. Matrix products run on PyTorch's own CPU kernels for packed weights:
+
+- int8: symmetric, one scale per output channel: w ≈ q · s, q in [-127, 127]. Decode-sized products
+  (few rows) run `torch._weight_int8pack_mm`, which reads the int8 weight directly (1 byte a weight
+  instead of 2 in bf16); prompt-sized products dequantize the weight once and run a dense GEMM, which
+  is several times faster than the packed kernel when many rows share the weight.
+- int4: asymmetric, one scale and one minimum per group of `group_size` (32) consecutive inputs of a
+  row: w ≈ q · s + m, q in [0, 15] (the layout of llama.cpp's Q4_1 / the sub-blocks of Q4_K).
+  Products run `torch._weight_int4pack_mm_for_cpu` on the weight in PyTorch's packed CPU layout
+  (two 4-bit values a byte, tiled for its kernel), which computes in fp32 from bf16 activations.
+- The output head is quantized too (it is a quarter of the 0.5B model's bytes); in int4 mode it gets
+  int8, as llama.cpp's Q4_K_M keeps it at 6 bits: the logits are the most sensitive product.
+
+The packed kernels take bf16 (or fp16) activations: a quantized float32 model casts the input of
+each quantized product to bf16 and the output back, the way llama.cpp rounds activations to 8 bits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import Qwen2PureError
+
+MODES = ("int8", "int4")
+GROUP_SIZE = 32
+SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4: the group ranges tried, as fractions of [min, max]
+# rows (tokens) from which a dequantized dense GEMM beats the packed kernels
+DENSE_FROM_ROWS = 16
+# the linear layers quantized: every projection of the decoder, and the output head
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def check_mode(mode) -> Optional[str]:
+    if mode is None or mode in ("none", ""):
+        return None
+    if mode not in MODES:
+        raise Qwen2PureError(f"quantize={mode!r}: expected one of {', '.join(MODES)} (or None)")
+    return mode
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+class QuantLinear(nn.Module):
+    """A drop-in for `nn.Linear` holding an int8 or int4 weight; `bias` stays a float parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str,
+                 group_size: int = GROUP_SIZE, dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        mode = check_mode(mode)
+        if mode == "int4" and (in_features % group_size or in_features % 64):
+            raise Qwen2PureError(f"int4 needs in_features ({in_features}) to be a multiple of 64 and of "
+                                 f"group_size ({group_size})")
+        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        self.dtype = dtype  # the activation dtype this layer returns
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        self.qweight: torch.Tensor
+        self.scales: torch.Tensor
+        self.register_buffer("qweight", None)
+        self.register_buffer("scales", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE) -> "QuantLinear":
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, group_size,
+                    dtype=w.dtype, device=w.device)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer.load_weight(w)
+        return layer
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode}{g}")
+
+    # -- quantization ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight (out_features, in_features) into this layer's buffers."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise Qwen2PureError(f"weight of shape {list(weight.shape)} for a quantized linear layer of "
+                                 f"{[self.out_features, self.in_features]}")
+        w = weight.detach().to(device="cpu" if weight.is_meta else weight.device, dtype=torch.float32)
+        if self.mode == "int8":
+            q, s = quantize_int8(w)
+            self.qweight, self.scales = q, s
+        else:
+            q, s, m = quantize_int4(w, self.group_size)
+            self.qweight = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            # the kernel's (groups, N, 2) table of scale and zero for w = (q - 8) * scale + zero
+            self.scales = torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous().to(_kernel_dtype(self.dtype))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the kernels compute with, as a dense (out_features, in_features) tensor."""
+        if self.mode == "int8":
+            return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+        # multiply an identity through the packed kernel: exact, and independent of the packed layout
+        eye = torch.eye(self.in_features, dtype=self.scales.dtype, device=self.qweight.device)
+        w_t = torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales)
+        return w_t.t().to(dtype)
+
+    # -- products ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if self.mode == "int8" and x2.shape[0] >= DENSE_FROM_ROWS:
+            out = F.linear(x2.to(torch.float32), self.dequantize(torch.float32))
+        else:
+            kd = _kernel_dtype(x.dtype)
+            if self.mode == "int8":
+                out = torch._weight_int8pack_mm(x2.to(kd), self.qweight, self.scales.to(kd))
+            else:
+                out = torch._weight_int4pack_mm_for_cpu(x2.to(kd), self.qweight, self.group_size, self.scales)
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 (N, K), scale fp32 (N,)) with w ≈ q * scale[:, None]."""
+    amax = w.abs().amax(dim=1)
+    scale = (amax / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@torch.no_grad()
+def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise 4 bits: (q uint8 in [0, 15] (N, K), scale (N, G), min (N, G)), G = K / group_size,
+    w ≈ q * scale + min per group. Each group's range is searched over a few shrink factors of its
+    [min, max] for the least squared error (outliers otherwise stretch the 16 levels of a whole group)."""
+    N, K = w.shape
+    wg = w.view(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True)  # the minimum is <= 0, as in llama.cpp
+    shrinks = torch.tensor(SHRINKS, dtype=w.dtype, device=w.device)
+    errors = []
+    for f in SHRINKS:
+        mn, s = lo * f, ((hi - lo) * (f / 15)).clamp(min=1e-10)
+        d = torch.round((wg - mn) / s).clamp_(0, 15).mul_(s).add_(mn).sub_(wg)
+        errors.append(d.square_().sum(-1))
+    factor = shrinks[torch.stack(errors).argmin(0)].unsqueeze(-1)  # (N, G, 1): the best shrink per group
+    mn, s = lo * factor, ((hi - lo) * factor / 15).clamp(min=1e-10)
+    q = torch.round((wg - mn) / s).clamp_(0, 15)
+    return q.to(torch.uint8).view(N, K), s.squeeze(-1), mn.squeeze(-1)
+
+
+def quantizable(name: str) -> bool:
+    return name.rpartition(".")[2] in TARGETS
+
+
+def mode_for(name: str, mode: str) -> str:
+    """int4 mode keeps the output head at int8 (see the module docstring)."""
+    return "int8" if mode == "int4" and name.rpartition(".")[2] == "lm_head" else mode
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = GROUP_SIZE) -> nn.Module:
+    """Replace the model's target nn.Linear layers by QuantLinear in place; returns the model.
+
+    A tied output head gets its own quantized copy (the embedding table stays a float lookup)."""
+    mode = check_mode(mode)
+    if mode is None:
+        return model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and quantizable(name):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, QuantLinear.from_linear(module, mode_for(name, mode), group_size))
+    model.quantization = mode
+    return model

@@ -1,0 +1,115 @@
+"""Weight-only int8 / int4: the quantizers' error bounds, the packed kernels against the dequantized weight,
+quantizing while loading against quantizing a loaded model, and the user-facing errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen2_pure as q
+from hf_utils import make_hf_checkpoint
+from qwen2_pure.quant import QuantLinear, quantize_int4, quantize_int8, quantize_model
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = torch.randn(48, 128) * torch.rand(48, 1) * 3
+    qw, scale = quantize_int8(w)
+    assert qw.dtype == torch.int8 and qw.abs().max() <= 127
+    err = (qw.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+    assert (qw.abs().amax(1) == 127).all()  # each row's largest weight uses the full range
+
+
+def test_int4_levels_and_search_never_worse_than_min_max():
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+    w[0, 5] = 12.0  # an outlier: the range search should shrink the other groups' ranges, not this one's
+    qw, s, m = quantize_int4(w, 32)
+    assert qw.dtype == torch.uint8 and int(qw.max()) <= 15
+    deq = (qw.view(32, 8, 32).float() * s[..., None] + m[..., None]).view(32, 256)
+    wg = w.view(32, 8, 32)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1)
+    plain_s = (hi - lo) / 15
+    plain = (torch.round((wg - lo[..., None]) / plain_s[..., None]).clamp(0, 15) * plain_s[..., None] + lo[..., None])
+    err_g = ((deq - w).view(32, 8, 32) ** 2).sum(-1)
+    plain_g = ((plain - wg) ** 2).sum(-1)
+    assert (err_g <= plain_g + 1e-6).all()
+    assert (m <= 0).all()  # the minimum is kept at or below zero, as llama.cpp does
+    rel = ((deq - w).pow(2).mean() / w.pow(2).mean()).sqrt()
+    assert rel < 0.1  # 4 bits: ~8% relative RMS error on Gaussian weights
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # the packed kernel (few rows) and the dense GEMM path (many)
+def test_quant_linear_equals_its_dequantized_weight(mode, rows):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(128, 96, bias=True).to(torch.bfloat16)
+    ql = QuantLinear.from_linear(lin, mode)
+    x = torch.randn(2, rows, 128, dtype=torch.bfloat16)
+    out = ql(x)
+    assert out.shape == (2, rows, 96) and out.dtype == torch.bfloat16
+    ref = F.linear(x.float(), ql.dequantize(torch.float32), lin.bias.float())
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=2e-2)
+    # and the quantized weight is close to the original one
+    rel = (ql.dequantize() - lin.weight.float()).norm() / lin.weight.float().norm()
+    assert rel < (0.01 if mode == "int8" else 0.1)
+
+
+def test_quant_linear_float32_activations():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    ql = QuantLinear.from_linear(lin, "int4")
+    x = torch.randn(1, 64)
+    out = ql(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, ql.dequantize()), rtol=1e-2, atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    make_hf_checkpoint(path, heads=4, kv_heads=2, head_dim=64, tied=True, intermediate=128)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_while_loading_equals_quantizing_after(ckpt, mode):
+    x = torch.randint(0, 250, (2, 21))
+    loaded = q.load_model(ckpt, dtype="float32", quantize=mode)
+    after = quantize_model(q.load_model(ckpt, dtype="float32"), mode)
+    assert loaded.quantization == after.quantization == mode
+    torch.testing.assert_close(loaded(x), after(x), rtol=0, atol=0)
+    layer = loaded.model.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        lin = getattr(layer.self_attn, name)
+        assert isinstance(lin, QuantLinear) and lin.mode == mode
+    assert layer.self_attn.q_proj.bias is not None and layer.self_attn.q_proj.bias.dtype == torch.float32
+    assert isinstance(layer.mlp.down_proj, QuantLinear)
+    # the tied head has its own quantized copy (int8 in both modes); the embedding stays a float table
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.mode == "int8"
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    float_model = q.load_model(ckpt, dtype="float32")
+    close = (loaded(x).argmax(-1) == float_model(x).argmax(-1)).float().mean()
+    assert close > (0.9 if mode == "int8" else 0.5)
+
+
+def test_quantized_generation_runs_and_bf16(ckpt):
+    model = q.load_model(ckpt, dtype="bfloat16", quantize="int8")
+    [out] = q.generate(model, [[3, 4, 5, 6]], max_new_tokens=6, stop_token_ids=[])
+    ref = q.load_model(ckpt, dtype="bfloat16")
+    [want] = q.generate(ref, [[3, 4, 5, 6]], max_new_tokens=6, stop_token_ids=[])
+    assert len(out) == 6 and all(isinstance(t, int) for t in out)
+    assert out[:2] == want[:2]
+
+
+def test_quantize_errors(ckpt, tmp_path):
+    with pytest.raises(q.Qwen2PureError, match="quantize='int3'"):
+        q.load_model(ckpt, quantize="int3")
+    with pytest.raises(q.Qwen2PureError, match="adapter= and quantize="):
+        q.load_model(ckpt, quantize="int8", adapter=tmp_path)
+    with pytest.raises(q.Qwen2PureError, match="multiple of 64"):
+        QuantLinear(48, 16, False, "int4")
