@@ -55,7 +55,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FP_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-INT4_GROUP = 32  # int4 weights: one scale and one zero point (activation dtype) per group of 32 along the input
+# as qwen2_pure/quant.py stores them: int8 one fp32 scale per output row; int4 a bf16 scale and zero point per
+# group of 32 inputs of a row, and the lm_head in int8 (as Q4_K_M keeps the output at 6 bits)
+INT8_SCALE_BYTES = 4
+INT4_GROUP, INT4_GROUP_BYTES = 32, 2 * 2
 
 
 def log(msg: str) -> None:
@@ -86,19 +89,21 @@ def linear_params(cfg: dict) -> dict:
 
 
 def decode_bytes_per_token(cfg: dict, storage: str, act: str = "bfloat16") -> float:
-    """Bytes of weights one decode step reads: matrices at `storage` precision, biases and scales in `act`.
+    """Bytes of weights one decode step reads: matrices at `storage` precision, biases in `act`.
 
-    float32 / bfloat16 / float16: W·bytes; int8: W·1 + one scale per output row; int4: W·0.5 + a scale and a
-    zero point per group of INT4_GROUP inputs. W = decoder + lm_head parameters.
+    W = decoder + lm_head parameters. float32 / bfloat16 / float16: (W + biases)·bytes; int8: W·1 + an fp32
+    scale per output row; int4: decoder·0.5 + a bf16 scale and zero per group of INT4_GROUP inputs, and the
+    lm_head in int8 (V·H + V scales).
     """
     p, a = linear_params(cfg), FP_BYTES[act]
-    w = p["decoder"] + p["lm_head"]
     if storage in FP_BYTES:
-        return w * FP_BYTES[storage] + p["bias"] * FP_BYTES[storage]
+        return (p["decoder"] + p["lm_head"] + p["bias"]) * FP_BYTES[storage]
+    V = model_dims(cfg)["V"]
     if storage == "int8":
-        return w * 1 + p["rows"] * a + p["bias"] * a
+        return p["decoder"] + p["lm_head"] + p["rows"] * INT8_SCALE_BYTES + p["bias"] * a
     if storage == "int4":
-        return w * 0.5 + (w / INT4_GROUP) * 2 * a + p["bias"] * a
+        return (p["decoder"] * 0.5 + p["decoder"] / INT4_GROUP * INT4_GROUP_BYTES
+                + p["lm_head"] + V * INT8_SCALE_BYTES + p["bias"] * a)
     raise ValueError(f"storage {storage!r}: expected one of float32, bfloat16, float16, int8, int4")
 
 

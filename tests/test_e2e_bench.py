@@ -42,9 +42,10 @@ def test_decode_bytes_hand_count():
     w = 9216 + 151936 * 32  # decoder linears + lm_head
     assert e2e.decode_bytes_per_token(TINY, "float32") == w * 4 + 64 * 4
     assert e2e.decode_bytes_per_token(TINY, "bfloat16") == w * 2 + 64 * 2
-    assert e2e.decode_bytes_per_token(TINY, "int8") == w + (256 + 151936) * 2 + 64 * 2   # a bf16 scale per row
+    assert e2e.decode_bytes_per_token(TINY, "int8") == w + (256 + 151936) * 4 + 64 * 2   # an fp32 scale per row
     assert e2e.decode_bytes_per_token(TINY, "int8", "float32") == w + (256 + 151936) * 4 + 64 * 4
-    assert e2e.decode_bytes_per_token(TINY, "int4") == w / 2 + w / 32 * 4 + 64 * 2       # bf16 scale + zero / 32
+    # decoder: 4 bits + a bf16 scale and zero per 32 inputs; lm_head: int8 + an fp32 scale per row
+    assert e2e.decode_bytes_per_token(TINY, "int4") == 9216 / 2 + 9216 / 32 * 4 + 151936 * (32 + 4) + 64 * 2
     with pytest.raises(ValueError):
         e2e.decode_bytes_per_token(TINY, "int3")
 
