@@ -32,7 +32,8 @@ of an (N, K) one as nn.Linear stores it: on CPUs without bf16 arithmetic the two
   prefill roofline tok/s = matmul rate of the compute dtype / FLOPs per prompt token (`prefill_flops_per_token`):
                            2·(decoder linear params) + attention 2·H_q·D·(T+1) per layer (QKᵀ and AV over the
                            causal average of (T+1)/2 keys) + the lm_head's 2·V·H once per prompt, divided by T.
-                           Quantized variants compute in their activation dtype; llama.cpp is rated at fp32.
+                           Quantized variants (ours) are rated at the faster of fp32 and bf16 (their prompt
+                           products dequantize to a dense GEMM), llama.cpp at fp32.
 
 Output: stderr gets a line per measurement; stdout the markdown table, the machine figures, how many greedy
 tokens of each engine equal the first engine's (a check that all did the same work), then the ratios ours/peer
@@ -141,7 +142,8 @@ def parse_ours(variant: str) -> dict:
     kwargs["dtype"] = act
     if flags:
         kwargs["compile"] = True
-    return {"kwargs": kwargs, "storage": quant or act, "compute": act}
+    # quantized products may run dense GEMMs of dequantized weights in either dtype: rate them at the faster
+    return {"kwargs": kwargs, "storage": quant or act, "compute": "best" if quant else act}
 
 
 def parse_llama(variant: str) -> dict:
@@ -386,6 +388,7 @@ def add_rooflines(r: dict, cfg: dict, machine: dict, T: int, ggufs: dict) -> Non
     """decode/prefill roofline tok/s and % of them, from the better of the before/after machine figures."""
     bw = max(m["read_gb_s"] for m in machine.values()) * 1e9
     rate = {k: max(m["matmul_gflop_s"][k] for m in machine.values()) * 1e9 for k in ("float32", "bfloat16")}
+    rate["best"] = max(rate.values())
     if r["engine"] == "qwen2-pure":
         v = parse_ours(r["variant"])
         nbytes, compute = decode_bytes_per_token(cfg, v["storage"], v["compute"]), v["compute"]
@@ -540,6 +543,9 @@ def main(argv=None):
                 s = samples[id(w)]
                 s["ttft"].append(ttft)
                 s["decode"].append((N - 1) / (total - ttft))
+                if total <= ttft:
+                    log(f"warning: {w.engine} {w.variant}: the {N}-token run took {total:.3f} s, less than the "
+                        f"1-token run ({ttft:.3f} s): the machine is too noisy, or N too small, for this figure")
                 log(f"[repeat {rep + 1}/{args.repeats}] {w.engine} {w.variant}: TTFT {ttft:.3f} s "
                     f"(prefill {T / ttft:.1f} tok/s), {N} tokens {total:.2f} s, decode {s['decode'][-1]:.2f} tok/s")
         results = []

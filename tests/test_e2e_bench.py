@@ -62,7 +62,7 @@ def test_variant_parsing():
     assert e2e.parse_ours("float32") == {"kwargs": {"dtype": "float32"}, "storage": "float32", "compute": "float32"}
     assert e2e.parse_ours("bfloat16+compile")["kwargs"] == {"dtype": "bfloat16", "compile": True}
     assert e2e.parse_ours("int8") == {"kwargs": {"quantize": "int8", "dtype": "bfloat16"}, "storage": "int8",
-                                      "compute": "bfloat16"}
+                                      "compute": "best"}
     assert e2e.parse_ours("int4:float32+compile")["kwargs"] == {"quantize": "int4", "dtype": "float32",
                                                                 "compile": True}
     assert e2e.parse_llama("q4_k_m+fa") == {"gguf": "q4_k_m", "flash_attn": True}
