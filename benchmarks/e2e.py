@@ -23,7 +23,8 @@ address space; ru_maxrss is not used because Linux carries the parent's peak acr
 Machine ceilings, measured in the parent before the engines and again after them: read bandwidth (sum of a
 --bandwidth-mib fp32 tensor, best of several) and matmul rate in fp32 and bf16 (torch.matmul of a prefill's
 MLP shape, (prompt × hidden) @ (hidden × intermediate), the better of a (K, N) right operand and the transpose
-of an (N, K) one as nn.Linear stores it: on CPUs without bf16 arithmetic the two differ by up to 7x in bf16). The rooflines use the better of the two measurements:
+of an (N, K) one as nn.Linear stores it: on CPUs without bf16 arithmetic the two differ by up to 7x in bf16).
+The rooflines use the better of the two measurements (before, after):
 
   decode roofline tok/s  = bandwidth / bytes read per token, where bytes = all linear weights and biases incl.
                            lm_head at the engine's storage precision (`decode_bytes_per_token`); the KV cache,
@@ -312,7 +313,7 @@ def measure_machine(threads: int, bandwidth_mib: int, mm_shape: tuple) -> dict:
     torch.set_num_threads(threads)
     x = torch.ones(bandwidth_mib * 2**20 // 4, dtype=torch.float32)
     gbs = x.numel() * 4 / _best_time(lambda: x.sum(), reps=5) / 1e9
-    del x
+    x = None  # free the buffer before the matmuls
     M, K, N = mm_shape
     by_layout = {}
     for name in ("float32", "bfloat16"):
