@@ -35,6 +35,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (config.json's), float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the linear layers while loading (activations keep --dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile on CPU, a CUDA graph on CUDA); the first "
+                        "answer pays the compilation")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -124,9 +129,11 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
+    model = load_model(args.model, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None),
+                       quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False))
     tokenizer = load_tokenizer(args.model)
-    print(f"[loaded {model.source} ({str(model.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.1f} s]",
+    quant = f", {model.quantization} weights" if getattr(model, "quantization", None) else ""
+    print(f"[loaded {model.source} ({str(model.dtype).replace('torch.', '')}{quant}) in {time.perf_counter() - t0:.1f} s]",
           file=sys.stderr, flush=True)
     return model, tokenizer
 
