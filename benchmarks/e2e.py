@@ -392,7 +392,7 @@ def add_rooflines(r: dict, cfg: dict, machine: dict, T: int, ggufs: dict) -> Non
     rate["best"] = max(rate.values())
     if r["engine"] == "qwen2-pure":
         v = parse_ours(r["variant"])
-        nbytes, compute = decode_bytes_per_token(cfg, v["storage"], v["compute"]), v["compute"]
+        nbytes, compute = decode_bytes_per_token(cfg, v["storage"], v["kwargs"]["dtype"]), v["compute"]
     elif r["engine"] == "transformers":
         nbytes, compute = decode_bytes_per_token(cfg, r["variant"]), r["variant"]
     else:
@@ -561,6 +561,8 @@ def main(argv=None):
         for w in workers:
             w.stop()
 
+    if args.out:  # the raw samples first: a failure below must not lose a long run
+        Path(args.out).with_suffix(".samples.json").write_text(json.dumps(results, indent=1, default=str))
     log("machine (after) ...")
     machine["after"] = measure_machine(threads, args.bandwidth_mib, mm_shape)
     for r in results:

@@ -33,7 +33,9 @@ from .errors import Qwen2PureError
 
 MODES = ("int8", "int4")
 GROUP_SIZE = 32
+CHUNK_BYTES = 16 << 20
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4: the group ranges tried, as fractions of [min, max]
+REFINE_STEPS = 3  # int4: least-squares refits of each group's scale and minimum after the range search
 # rows (tokens) from which a dequantized dense GEMM beats the packed kernels
 DENSE_FROM_ROWS = 16
 # the linear layers quantized: every projection of the decoder, and the output head
@@ -59,9 +61,9 @@ class QuantLinear(nn.Module):
                  group_size: int = GROUP_SIZE, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
         mode = check_mode(mode)
-        if mode == "int4" and (in_features % group_size or in_features % 64):
-            raise Qwen2PureError(f"int4 needs in_features ({in_features}) to be a multiple of 64 and of "
-                                 f"group_size ({group_size})")
+        if mode == "int4" and not int4_fits(in_features, out_features, group_size):
+            raise Qwen2PureError(f"int4 needs in_features ({in_features}) to be a multiple of group_size "
+                                 f"({group_size}) and out_features ({out_features}) a multiple of 16")
         self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
         self.dtype = dtype  # the activation dtype this layer returns
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
@@ -70,6 +72,7 @@ class QuantLinear(nn.Module):
         self.scales: torch.Tensor
         self.register_buffer("qweight", None)
         self.register_buffer("scales", None)
+        self.register_buffer("kernel_scales", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE) -> "QuantLinear":
@@ -93,15 +96,32 @@ class QuantLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise Qwen2PureError(f"weight of shape {list(weight.shape)} for a quantized linear layer of "
                                  f"{[self.out_features, self.in_features]}")
-        w = weight.detach().to(device="cpu" if weight.is_meta else weight.device, dtype=torch.float32)
+        w = weight.detach()
+        # row chunks of ~16 MB in fp32: the temporaries of quantizing stay small next to the weight itself
+        step = max(16, (CHUNK_BYTES // (4 * self.in_features)) // 16 * 16)
+        parts = [(quantize_int8 if self.mode == "int8" else lambda c: quantize_int4(c, self.group_size))(
+            w[r:r + step].to(torch.float32)) for r in range(0, self.out_features, step)]
+        values = [torch.cat(column) for column in zip(*parts)]
         if self.mode == "int8":
-            q, s = quantize_int8(w)
-            self.qweight, self.scales = q, s
+            self.qweight, self.scales = values
+            # the kernel takes its scales in the activations' dtype: converted once here, not at each call
+            # (inductor cannot lower the packed op on a scale tensor computed inside the graph)
+            self.kernel_scales = self.scales.to(_kernel_dtype(self.dtype))
         else:
-            q, s, m = quantize_int4(w, self.group_size)
-            self.qweight = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            # the kernel's (groups, N, 2) table of scale and zero for w = (q - 8) * scale + zero
-            self.scales = torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous().to(_kernel_dtype(self.dtype))
+            self.load_int4(*values)
+
+    @torch.no_grad()
+    def load_int4(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> None:
+        """Take int4 values as they are: q (N, K) in [0, 15], scale and minimum (N, K / group_size), for
+        w = q * scale + minimum (e.g. a GGUF's Q4_0 / Q4_1 / Q4_K blocks, see loading.gguf)."""
+        if self.mode != "int4" or tuple(q.shape) != (self.out_features, self.in_features) \
+                or tuple(scale.shape) != (self.out_features, self.in_features // self.group_size):
+            raise Qwen2PureError(f"int4 values of shape {list(q.shape)} / scales {list(scale.shape)} for a "
+                                 f"{self.mode} layer of {[self.out_features, self.in_features]}, groups of {self.group_size}")
+        self.qweight = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        # the kernel's (groups, N, 2) table of scale and zero for w = (q - 8) * scale + zero
+        s, m = scale.float(), minimum.float()
+        self.scales = torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous().to(_kernel_dtype(self.dtype))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the kernels compute with, as a dense (out_features, in_features) tensor."""
@@ -121,7 +141,8 @@ class QuantLinear(nn.Module):
         else:
             kd = _kernel_dtype(x.dtype)
             if self.mode == "int8":
-                out = torch._weight_int8pack_mm(x2.to(kd), self.qweight, self.scales.to(kd))
+                scales = self.kernel_scales if self.kernel_scales.dtype == kd else self.scales.to(kd)
+                out = torch._weight_int8pack_mm(x2.to(kd), self.qweight, scales)
             else:
                 out = torch._weight_int4pack_mm_for_cpu(x2.to(kd), self.qweight, self.group_size, self.scales)
         out = out.to(x.dtype)
@@ -143,7 +164,9 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise 4 bits: (q uint8 in [0, 15] (N, K), scale (N, G), min (N, G)), G = K / group_size,
     w ≈ q * scale + min per group. Each group's range is searched over a few shrink factors of its
-    [min, max] for the least squared error (outliers otherwise stretch the 16 levels of a whole group)."""
+    [min, max] for the least squared error (outliers otherwise stretch the 16 levels of a whole group), then
+    refined by alternating least-squares fits of (scale, min) and of the levels, as llama.cpp's
+    make_qkx quantizers do. The minimum then may end up above zero."""
     N, K = w.shape
     wg = w.view(N, K // group_size, group_size)
     lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True)  # the minimum is <= 0, as in llama.cpp
@@ -153,9 +176,23 @@ def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.
         mn, s = lo * f, ((hi - lo) * (f / 15)).clamp(min=1e-10)
         d = torch.round((wg - mn) / s).clamp_(0, 15).mul_(s).add_(mn).sub_(wg)
         errors.append(d.square_().sum(-1))
-    factor = shrinks[torch.stack(errors).argmin(0)].unsqueeze(-1)  # (N, G, 1): the best shrink per group
+    best_err, best = torch.stack(errors).min(0)
+    factor = shrinks[best].unsqueeze(-1)  # (N, G, 1): the best shrink per group
     mn, s = lo * factor, ((hi - lo) * factor / 15).clamp(min=1e-10)
     q = torch.round((wg - mn) / s).clamp_(0, 15)
+    best_err = best_err.unsqueeze(-1)
+    for _ in range(REFINE_STEPS):
+        # with the levels fixed, the least-squares scale and minimum of each group (a line fit of w on q),
+        # then the levels again; a group keeps its previous fit unless the new one has a smaller error
+        qm, wm = q.mean(-1, keepdim=True), wg.mean(-1, keepdim=True)
+        var = (q - qm).square().mean(-1, keepdim=True)
+        s2 = torch.where(var > 0, ((q - qm) * (wg - wm)).mean(-1, keepdim=True) / var.clamp(min=1e-12), s).clamp(min=1e-10)
+        m2 = wm - s2 * qm
+        q2 = torch.round((wg - m2) / s2).clamp_(0, 15)
+        err2 = (q2 * s2 + m2 - wg).square().sum(-1, keepdim=True)
+        better = err2 < best_err
+        q, s, mn = torch.where(better, q2, q), torch.where(better, s2, s), torch.where(better, m2, mn)
+        best_err = torch.minimum(err2, best_err)
     return q.to(torch.uint8).view(N, K), s.squeeze(-1), mn.squeeze(-1)
 
 
@@ -163,9 +200,32 @@ def quantizable(name: str) -> bool:
     return name.rpartition(".")[2] in TARGETS
 
 
-def mode_for(name: str, mode: str) -> str:
-    """int4 mode keeps the output head at int8 (see the module docstring)."""
-    return "int8" if mode == "int4" and name.rpartition(".")[2] == "lm_head" else mode
+def int4_fits(in_features: int, out_features: int, group_size: int = GROUP_SIZE) -> bool:
+    """The packed int4 CPU kernel's constraints: whole groups along the input, output rows in tiles of 16."""
+    return in_features % group_size == 0 and out_features % 16 == 0
+
+
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one between,
+    whose v_proj and down_proj its Q4_K_M mix stores at 6 bits instead of 4."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def mode_for(name: str, mode: str, in_features: int, out_features: int, group_size: int = GROUP_SIZE,
+             n_layers: Optional[int] = None) -> str:
+    """The mode of one layer. int4 keeps at int8, as llama.cpp's Q4_K_M mix keeps at 6 bits or more: the output
+    head, and v_proj and down_proj of the layers `more_bits` names (when n_layers is given); also int8 is
+    any layer whose shape the int4 kernel cannot take."""
+    if mode != "int4":
+        return mode
+    leaf = name.rpartition(".")[2]
+    if leaf == "lm_head" or not int4_fits(in_features, out_features, group_size):
+        return "int8"
+    parts = name.split(".")
+    if n_layers and leaf in ("v_proj", "down_proj") and "layers" in parts:
+        if more_bits(int(parts[parts.index("layers") + 1]), n_layers):
+            return "int8"
+    return mode
 
 
 @torch.no_grad()
@@ -180,6 +240,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = GROUP_SIZE) ->
         if isinstance(module, nn.Linear) and quantizable(name):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, QuantLinear.from_linear(module, mode_for(name, mode), group_size))
+            kind = mode_for(name, mode, module.in_features, module.out_features, group_size,
+                            n_layers=model.config.num_hidden_layers)
+            setattr(parent, attr, QuantLinear.from_linear(module, kind, group_size))
     model.quantization = mode
     return model

@@ -149,6 +149,16 @@ def test_generate_matches_python_api(capsys, model_dir, loaded, extra, kw):
     assert len(tok.encode(out)) <= MAX_NEW
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_generate_quantize_matches_python_api(capsys, model_dir, mode):
+    quantized = qwen2_pure.load_model(model_dir, quantize=mode)
+    tok = qwen2_pure.load_tokenizer(model_dir)
+    rc, out, err = run_main(capsys, "generate", "--model", model_dir, "--prompt", "Hello", "--quantize", mode)
+    assert rc == 0, err
+    assert out == api_text(quantized, tok, "Hello")
+    assert f"{mode} weights" in err
+
+
 def test_generate_chat_applies_template(capsys, model_dir, loaded):
     model, tok = loaded
     _, plain, _ = run_main(capsys, "generate", "--model", model_dir, "--prompt", "Hello")

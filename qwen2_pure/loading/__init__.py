@@ -128,7 +128,9 @@ class _StrictAssigner:
                     if isinstance(module, nn.Linear) and quantizable(name):
                         parent, _, attr = name.rpartition(".")
                         q = QuantLinear(module.in_features, module.out_features, module.bias is not None,
-                                        mode_for(name, quantize), dtype=dtype)
+                                        mode_for(name, quantize, module.in_features, module.out_features,
+                                                 n_layers=model.config.num_hidden_layers),
+                                        dtype=dtype)
                         setattr(model.get_submodule(parent) if parent else model, attr, q)
                         self.quantized[name + ".weight"] = q
             model.quantization = quantize
@@ -155,10 +157,21 @@ class _StrictAssigner:
         # a memory-mapped view must be copied out of the file; a freshly dequantized tensor need not be
         if name in self.quantized:  # quantized right away: the float weight never stays in memory
             self.quantized[name].load_weight(t)
-            self.quantized[name].to(self.device)
         else:
             t = t.to(device=self.device, dtype=self.dtype, copy=not fresh)
             _set_parameter(self.model, name, t)
+        self.loaded.add(name)
+
+    def takes_int4(self, name: str) -> bool:
+        return name in self.quantized and self.quantized[name].mode == "int4"
+
+    def assign_int4(self, name: str, values, where: str) -> None:
+        """A GGUF's own 4-bit blocks, kept without a round trip through floats (see loading.gguf)."""
+        q, s, m = values
+        want = self.expected[name]
+        if tuple(q.shape) != want:
+            raise Qwen2PureError(f"{where}: tensor '{name}' has shape {list(q.shape)}, the config implies {list(want)}")
+        self.quantized[name].load_int4(q, s, m)
         self.loaded.add(name)
 
     def finish(self, where: str) -> Qwen2ForCausalLM:
@@ -212,14 +225,20 @@ def _load_folder(folder: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM
 
 
 def _load_gguf(path: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM:
-    from .gguf import gguf_config, iter_gguf_tensors, open_gguf
+    from .gguf import gguf_config, iter_gguf_int4, iter_gguf_tensors, open_gguf
     from .gguf_tokenizer import gguf_tokenizer_files
     reader = open_gguf(path)
     cfg = Qwen2Config.from_dict(gguf_config(reader), source=str(path))
     # GGUF tensors are quantized: they are dequantized to fp32 one at a time, then cast
     assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, "float32"), device, quantize)
-    for name, tensor in iter_gguf_tensors(reader):
-        if assigner.wants(name, str(path)):
+    # with quantize="int4", 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K) are taken as they are, not requantized
+    tensors = iter_gguf_int4(reader, assigner.takes_int4) if quantize == "int4" else iter_gguf_tensors(reader)
+    for name, tensor in tensors:
+        if not assigner.wants(name, str(path)):
+            continue
+        if isinstance(tensor, tuple):
+            assigner.assign_int4(name, tensor, str(path))
+        else:
             assigner.assign(name, tuple(tensor.shape), lambda: tensor, str(path), fresh=True)
     model = assigner.finish(str(path))
     model.generation_config = gguf_tokenizer_files(reader)[2]
@@ -254,6 +273,9 @@ def load_model(source: Source = None, dtype=None, device=None, adapter=None, qua
         from ..lora import read_adapter_config
         read_adapter_config(adapter)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if quantize is not None and device.type != "cpu":
+        raise Qwen2PureError(f"quantize={quantize!r} runs on PyTorch's CPU kernels for packed weights: "
+                             f"use device='cpu' (got {device})")
     model = _load_gguf(path, dtype, device, quantize) if path.is_file() else _load_folder(path, dtype, device, quantize)
     if adapter is not None:
         from ..lora import load_adapter

@@ -660,3 +660,72 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4-bit blocks kept as they are (load_model(..., quantize="int4"))
+
+# ggml types whose blocks are groups of 32 four-bit values with a scale and a minimum each: they map exactly
+# onto qwen2_pure.quant's int4 layout (w = q * scale + min, q in [0, 15], groups of 32)
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def _f16(raw, at: int):
+    import numpy as np
+    return raw[:, at:at + 2].copy().view(np.float16).astype(np.float32)[:, 0]
+
+
+def _nibbles(qs):
+    """(n, 16) bytes -> (n, 32): the low nibbles are values 0..15 of the group, the high ones 16..31."""
+    import numpy as np
+    return np.concatenate([qs & 15, qs >> 4], axis=1)
+
+
+def decode_int4_blocks(raw, type_name: str):
+    """Raw ggml blocks (n_blocks, bytes per block) -> (q uint8 (groups, 32), scale (groups,), min (groups,)),
+    with w = q * scale + min for each group of 32 consecutive values (ggml's own dequantization, factored)."""
+    import numpy as np
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    if type_name == "Q4_0":  # 2-byte d, 16 bytes of nibbles: w = (q - 8) d
+        d = _f16(raw, 0)
+        return _nibbles(raw[:, 2:18]), d, -8 * d
+    if type_name == "Q4_1":  # d, m, nibbles: w = q d + m
+        return _nibbles(raw[:, 4:20]), _f16(raw, 0), _f16(raw, 2)
+    if type_name == "Q4_K":  # 256 values: d, dmin, 12 bytes of 6-bit sub-scales and mins, 128 bytes of nibbles
+        d, dmin = _f16(raw, 0), _f16(raw, 2)
+        sc_raw = raw[:, 4:16].astype(np.uint8)
+        sc = np.empty((raw.shape[0], 8), dtype=np.uint8)
+        mn = np.empty((raw.shape[0], 8), dtype=np.uint8)
+        sc[:, :4], mn[:, :4] = sc_raw[:, 0:4] & 63, sc_raw[:, 4:8] & 63
+        sc[:, 4:] = (sc_raw[:, 8:12] & 15) | ((sc_raw[:, 0:4] >> 6) << 4)
+        mn[:, 4:] = (sc_raw[:, 8:12] >> 4) | ((sc_raw[:, 4:8] >> 6) << 4)
+        qs = raw[:, 16:144].reshape(-1, 4, 32)  # 4 chunks of 64 values: low nibbles first, then high
+        q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 8, 32)  # sub-block 2c = low, 2c + 1 = high
+        scale = d[:, None] * sc.astype(np.float32)
+        minimum = -dmin[:, None] * mn.astype(np.float32)
+        return q.reshape(-1, 32), scale.reshape(-1), minimum.reshape(-1)
+    raise ValueError(f"not a 4-bit block type: {type_name}")
+
+
+def iter_gguf_int4(path_or_reader, wanted) -> Iterator[tuple[str, object]]:
+    """Like `iter_gguf_tensors`, but a tensor whose name `wanted(hf_name)` accepts and whose blocks are
+    4-bit groups of 32 (INT4_TYPES) comes as `(hf_name, (q (N, K) uint8, scale (N, K/32), min (N, K/32)))`
+    torch tensors, not dequantized; every other tensor as an fp32 tensor."""
+    reader = _reader(path_or_reader)
+    plan = _plan(reader)
+
+    def gen():
+        for t, hf, shape in plan:
+            kind = t.tensor_type.name
+            if kind in INT4_TYPES and wanted(hf) and len(shape) == 2:
+                q, s, m = decode_int4_blocks(t.data.reshape(-1, t.data.shape[-1]).reshape(
+                    -1, {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[kind]), kind)
+                n, k = shape
+                out = (torch.from_numpy(q).reshape(n, k), torch.from_numpy(s).reshape(n, k // 32),
+                       torch.from_numpy(m).reshape(n, k // 32))
+            else:
+                out = _dequantize(reader, t, shape)
+            _release(reader, t)
+            yield hf, out
+
+    return gen()
