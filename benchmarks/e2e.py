@@ -144,7 +144,8 @@ def parse_ours(variant: str) -> dict:
     if flags:
         kwargs["compile"] = True
     # quantized products may run dense GEMMs of dequantized weights in either dtype: rate them at the faster
-    return {"kwargs": kwargs, "storage": quant or act, "compute": "best" if quant else act}
+    # and our bf16/fp16 prompts run fp32 GEMMs on CPUs without bf16 arithmetic (qwen2_pure.ops.linear)
+    return {"kwargs": kwargs, "storage": quant or act, "compute": "best" if quant or act != "float32" else act}
 
 
 def parse_llama(variant: str) -> dict:

@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import qwen2_pure as q
 
-WEIGHT_OPS = {"aten::mm": 1, "aten::addmm": 2, "aten::_weight_int8pack_mm": 1, "aten::_weight_int4pack_mm_for_cpu": 1,
-              "aten::linear": 1}
+# the ops that read a weight, and where the weight sits among their inputs (aten::linear is only their caller)
+WEIGHT_OPS = {"aten::mm": 1, "aten::addmm": 2, "aten::_weight_int8pack_mm": 1, "aten::_weight_int4pack_mm_for_cpu": 1}
 
 
 def read_bandwidth(threads: int) -> float:
