@@ -54,6 +54,7 @@ class DecodeStep:
         # a MoE layer picks its experts by value (a host sync): those models take the eager step
         self.eager = any(hasattr(layer.mlp, "experts") for layer in model.model.layers)
         self._compiled = None
+        self._marked = None  # the cache buffer whose slot dimension was last marked dynamic
         self._graph = None  # (key, graph, static inputs, static output) on CUDA
 
     def __call__(self, ids: torch.Tensor, input_pos: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -64,10 +65,12 @@ class DecodeStep:
             return self._cuda_graph(ids, input_pos, attention_mask, cache)
         if self._compiled is None:
             self._compiled = torch.compile(lambda *a: _step(self.model, *a), fullgraph=True)
-        torch._dynamo.mark_dynamic(cache.k, 3)  # the slot dimension of (L, B, H_kv, S, D)
-        torch._dynamo.mark_dynamic(cache.v, 3)
-        if attention_mask is not None:
-            torch._dynamo.mark_dynamic(attention_mask, 1)
+        if self._marked is not cache.k:  # once per generation (a new cache, and its mask), not every step
+            torch._dynamo.mark_dynamic(cache.k, 3)  # the slot dimension of (L, B, H_kv, S, D)
+            torch._dynamo.mark_dynamic(cache.v, 3)
+            if attention_mask is not None:
+                torch._dynamo.mark_dynamic(attention_mask, 1)
+            self._marked = cache.k
         return self._compiled(ids, input_pos, attention_mask, cache.k, cache.v)
 
     def _cuda_graph(self, ids, input_pos, attention_mask, cache):

@@ -211,21 +211,34 @@ def more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def mode_for(name: str, mode: str, in_features: int, out_features: int, group_size: int = GROUP_SIZE,
-             n_layers: Optional[int] = None) -> str:
+def mode_for(name: str, linear: nn.Linear, mode: str, n_layers: int, group_size: int = GROUP_SIZE) -> str:
     """The mode of one layer. int4 keeps at int8, as llama.cpp's Q4_K_M mix keeps at 6 bits or more: the output
-    head, and v_proj and down_proj of the layers `more_bits` names (when n_layers is given); also int8 is
-    any layer whose shape the int4 kernel cannot take."""
+    head, and v_proj and down_proj of the layers `more_bits` names; also int8 is any layer whose shape the
+    int4 kernel cannot take."""
     if mode != "int4":
         return mode
     leaf = name.rpartition(".")[2]
-    if leaf == "lm_head" or not int4_fits(in_features, out_features, group_size):
+    if leaf == "lm_head" or not int4_fits(linear.in_features, linear.out_features, group_size):
         return "int8"
     parts = name.split(".")
-    if n_layers and leaf in ("v_proj", "down_proj") and "layers" in parts:
-        if more_bits(int(parts[parts.index("layers") + 1]), n_layers):
-            return "int8"
+    if leaf in ("v_proj", "down_proj") and "layers" in parts and more_bits(int(parts[parts.index("layers") + 1]), n_layers):
+        return "int8"
     return mode
+
+
+def replace_linears(model: nn.Module, mode: str, make, group_size: int = GROUP_SIZE) -> dict[str, "QuantLinear"]:
+    """Put `make(linear, layer_mode)` (a QuantLinear) in place of each target nn.Linear of the model; returns
+    the new layers by name. Shared by `quantize_model` and the loader (which swaps empty layers on the meta
+    device and fills them as the weights arrive)."""
+    swapped = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and quantizable(name):
+            parent, _, attr = name.rpartition(".")
+            layer = make(module, mode_for(name, module, mode, model.config.num_hidden_layers, group_size))
+            setattr(model.get_submodule(parent) if parent else model, attr, layer)
+            swapped[name] = layer
+    model.quantization = mode
+    return swapped
 
 
 @torch.no_grad()
@@ -234,14 +247,6 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = GROUP_SIZE) ->
 
     A tied output head gets its own quantized copy (the embedding table stays a float lookup)."""
     mode = check_mode(mode)
-    if mode is None:
-        return model
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and quantizable(name):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            kind = mode_for(name, mode, module.in_features, module.out_features, group_size,
-                            n_layers=model.config.num_hidden_layers)
-            setattr(parent, attr, QuantLinear.from_linear(module, kind, group_size))
-    model.quantization = mode
+    if mode is not None:
+        replace_linears(model, mode, lambda linear, kind: QuantLinear.from_linear(linear, kind, group_size), group_size)
     return model

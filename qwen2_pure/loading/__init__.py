@@ -22,7 +22,7 @@ from torch import nn
 from ..config import Qwen2Config
 from ..errors import Qwen2PureError, read_json_object
 from ..model import Qwen2ForCausalLM
-from ..quant import QuantLinear, check_mode, mode_for, quantizable
+from ..quant import QuantLinear, check_mode, replace_linears
 from .safetensors_io import SafetensorsFile
 
 Source = Union[str, os.PathLike, None]
@@ -124,16 +124,9 @@ class _StrictAssigner:
         self.quantized: dict[str, QuantLinear] = {}
         if quantize is not None:  # swap the target linears for (empty) quantized ones, filled as weights arrive
             with torch.device("meta"):
-                for name, module in list(model.named_modules()):
-                    if isinstance(module, nn.Linear) and quantizable(name):
-                        parent, _, attr = name.rpartition(".")
-                        q = QuantLinear(module.in_features, module.out_features, module.bias is not None,
-                                        mode_for(name, quantize, module.in_features, module.out_features,
-                                                 n_layers=model.config.num_hidden_layers),
-                                        dtype=dtype)
-                        setattr(model.get_submodule(parent) if parent else model, attr, q)
-                        self.quantized[name + ".weight"] = q
-            model.quantization = quantize
+                layers = replace_linears(model, quantize, lambda m, kind: QuantLinear(
+                    m.in_features, m.out_features, m.bias is not None, kind, dtype=dtype))
+            self.quantized = {name + ".weight": layer for name, layer in layers.items()}
         # named_parameters() lists a tied lm_head once, under model.embed_tokens.weight
         self.expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.expected.update({n: (q.out_features, q.in_features) for n, q in self.quantized.items()})
@@ -225,14 +218,14 @@ def _load_folder(folder: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM
 
 
 def _load_gguf(path: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM:
-    from .gguf import gguf_config, iter_gguf_int4, iter_gguf_tensors, open_gguf
+    from .gguf import gguf_config, iter_gguf_tensors, open_gguf
     from .gguf_tokenizer import gguf_tokenizer_files
     reader = open_gguf(path)
     cfg = Qwen2Config.from_dict(gguf_config(reader), source=str(path))
     # GGUF tensors are quantized: they are dequantized to fp32 one at a time, then cast
     assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, "float32"), device, quantize)
     # with quantize="int4", 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K) are taken as they are, not requantized
-    tensors = iter_gguf_int4(reader, assigner.takes_int4) if quantize == "int4" else iter_gguf_tensors(reader)
+    tensors = iter_gguf_tensors(reader, keep_int4=assigner.takes_int4 if quantize == "int4" else None)
     for name, tensor in tensors:
         if not assigner.wants(name, str(path)):
             continue

@@ -560,17 +560,27 @@ def _release(reader, t) -> None:
         pass
 
 
-def iter_gguf_tensors(path_or_reader) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(path_or_reader, keep_int4=None) -> Iterator[tuple[str, object]]:
     """Yield `(hf_name, fp32 tensor)` in file order, dequantizing one tensor at a time.
 
     Every name and shape is checked before the first tensor is yielded, so a bad file fails up front.
+    keep_int4: a predicate on HF names; a matrix it accepts whose blocks are 4-bit groups of 32 (INT4_TYPES)
+    comes as `(hf_name, (q (N, K) uint8, scale (N, K/32), min (N, K/32)))`, not dequantized (see
+    `decode_int4_blocks`; for load_model(..., quantize="int4")).
     """
     reader = _reader(path_or_reader)
     plan = _plan(reader)
 
     def gen():
         for t, hf, shape in plan:
-            tensor = _dequantize(reader, t, shape)
+            if keep_int4 is not None and t.tensor_type.name in INT4_TYPES and len(shape) == 2 and keep_int4(hf):
+                block_bytes = _gguf().GGML_QUANT_SIZES[t.tensor_type][1]
+                q, s, m = decode_int4_blocks(t.data.reshape(-1, block_bytes), t.tensor_type.name)
+                n, k = shape
+                tensor = (torch.from_numpy(q).reshape(n, k), torch.from_numpy(s).reshape(n, k // 32),
+                          torch.from_numpy(m).reshape(n, k // 32))
+            else:
+                tensor = _dequantize(reader, t, shape)
             _release(reader, t)
             yield hf, tensor
 
@@ -706,26 +716,3 @@ def decode_int4_blocks(raw, type_name: str):
         return q.reshape(-1, 32), scale.reshape(-1), minimum.reshape(-1)
     raise ValueError(f"not a 4-bit block type: {type_name}")
 
-
-def iter_gguf_int4(path_or_reader, wanted) -> Iterator[tuple[str, object]]:
-    """Like `iter_gguf_tensors`, but a tensor whose name `wanted(hf_name)` accepts and whose blocks are
-    4-bit groups of 32 (INT4_TYPES) comes as `(hf_name, (q (N, K) uint8, scale (N, K/32), min (N, K/32)))`
-    torch tensors, not dequantized; every other tensor as an fp32 tensor."""
-    reader = _reader(path_or_reader)
-    plan = _plan(reader)
-
-    def gen():
-        for t, hf, shape in plan:
-            kind = t.tensor_type.name
-            if kind in INT4_TYPES and wanted(hf) and len(shape) == 2:
-                q, s, m = decode_int4_blocks(t.data.reshape(-1, t.data.shape[-1]).reshape(
-                    -1, {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[kind]), kind)
-                n, k = shape
-                out = (torch.from_numpy(q).reshape(n, k), torch.from_numpy(s).reshape(n, k // 32),
-                       torch.from_numpy(m).reshape(n, k // 32))
-            else:
-                out = _dequantize(reader, t, shape)
-            _release(reader, t)
-            yield hf, out
-
-    return gen()
