@@ -25,6 +25,7 @@ The wrapper keeps the base layer's `weight` and `bias` as its own parameters, so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -164,12 +165,14 @@ def _wrap(model: nn.Module, targets: Targets, r: int, alpha: float, dropout: flo
     if not chosen:
         raise Qwen2PureError(f"{where}: target modules {targets!r} match no module of the model "
                              f"(Qwen2's linear layers: {', '.join(ALL_TARGETS)})")
-    for name, module in chosen:
+    for name, module in chosen:  # every target is checked before any is wrapped
         if not isinstance(module, nn.Linear):
-            raise Qwen2PureError(f"{where}: target '{name}' is a {type(module).__name__}; "
-                                 "LoRA wraps linear layers only")
+            # peft has lora.Embedding for embed_tokens; we do not (an adapter with it is refused on load too)
+            raise Qwen2PureError(f"{where}: target '{name}' is a {type(module).__name__}; LoRA wraps linear "
+                                 f"layers only (the decoder's {', '.join(ALL_TARGETS)}, and lm_head)")
         if module.weight.is_meta:
             raise Qwen2PureError(f"{where}: '{name}' has no weights yet (meta device); load the model first")
+    for name, module in chosen:
         parent_name, _, attr = name.rpartition(".")
         wrapped = LoraLinear(module, _pattern_value(rank_pattern, name, r), _pattern_value(alpha_pattern, name, alpha),
                              dropout, use_rslora, init=init)
@@ -346,17 +349,36 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], trainable
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """W += (B @ A) * scaling for every LoRA layer, replacing each by a plain nn.Linear; returns `model`."""
+    """W += (B @ A) * scaling for every LoRA layer, replacing each by a plain nn.Linear; returns `model`.
+
+    A LoRA layer whose weight is shared with another module - lm_head of a `tie_word_embeddings` model,
+    whose weight is embed_tokens' - merges into its own copy: adding the delta in place would change the
+    embedding too, which the unmerged adapter never does. The merged model is then untied, and its config
+    says so (`tie_word_embeddings=False`), so an export writes lm_head.weight. peft's `merge_and_unload`
+    adds in place and only warns ("Model with `tie_word_embeddings=True` and the tied_target_modules=
+    ['lm_head'] are part of the adapter ... You can opt to merge the adapter after cloning the weights (to
+    untie the embeddings)", peft/tuners/tuners_utils.py; huggingface/peft#2777): the cloning is done here.
+    """
+    owners: dict[int, int] = {}  # id(parameter) -> how many module paths reach it
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    untied = False
     for name, m in lora_modules(model).items():
+        weight = m.weight
+        if owners[id(weight)] > 1:
+            weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            untied = True
         # peft: `base_layer.weight.data += delta_weight` (delta in fp32, rounded into the weight's dtype)
-        m.weight.data += m.delta_weight().to(m.weight.device)
+        weight.data += m.delta_weight().to(weight.device)
         with torch.device("meta"):
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        plain.weight = m.weight
+        plain.weight = weight
         if m.bias is not None:
             plain.bias = m.bias
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
+    if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -394,6 +416,7 @@ def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, o
     else:
         config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name  # keep the source's spelling
+    config["tie_word_embeddings"] = model.config.tie_word_embeddings  # False once a LoRA on a tied head merged
     if "dtype" in config and "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
     tied = model.config.tie_word_embeddings

@@ -274,6 +274,52 @@ def test_export_loads_in_transformers(base_dir, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
 
 
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora_tied")
+    make_hf_checkpoint(d, heads=4, kv_heads=2, head_dim=16, layers=2, intermediate=96, seed=4, tied=True)
+    return d
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ["q_proj", "lm_head"]], ids=["head", "q+head"])
+def test_lora_on_a_tied_head_merges_into_an_untied_head(tied_dir, tmp_path, targets):
+    """lm_head shares embed_tokens' weight: merging must not add the head's delta to the embedding."""
+    from qwen2_pure.lora import export_merged
+    model = apply_lora(qwen2_pure.load_model(tied_dir), targets=targets)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    _randomize([m.lora_B.weight for m in lora_modules(model).values()])
+    embedding = model.model.embed_tokens.weight.clone()
+    save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        unmerged = model(IDS)
+        # peft computes the same unmerged logits (it warns about the tied target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = peft.PeftModel.from_pretrained(load_hf(tied_dir), tmp_path / "a").eval()(IDS).logits
+        torch.testing.assert_close(unmerged, ref, atol=ATOL, rtol=0)
+        merge_lora(model)
+        assert torch.equal(model.model.embed_tokens.weight, embedding)
+        assert model.lm_head.weight is not model.model.embed_tokens.weight
+        assert not model.config.tie_word_embeddings
+        torch.testing.assert_close(model(IDS), unmerged, atol=1e-4, rtol=0)  # was off by 2.2 (head) / 3.0 (q+head)
+    out = export_merged(tied_dir, tmp_path / "a", tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    from qwen2_pure.loading.safetensors_io import SafetensorsFile
+    with SafetensorsFile(out / "model.safetensors") as f:
+        assert "lm_head.weight" in f.names() and torch.equal(f.get("model.embed_tokens.weight"), embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(out)(IDS).logits, unmerged, atol=1e-4, rtol=0)
+        torch.testing.assert_close(qwen2_pure.load_model(out)(IDS), unmerged, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["q_proj", "embed_tokens"], r".*(q_proj|embed_tokens)"])
+def test_embedding_target_is_refused_before_anything_is_wrapped(tied_dir, targets):
+    model = qwen2_pure.load_model(tied_dir)
+    with pytest.raises(Qwen2PureError, match=r"target 'model\.embed_tokens' is a Embedding; LoRA wraps linear"):
+        apply_lora(model, targets=targets)
+    assert not lora_modules(model)
+
 # ---- strict loading ----------------------------------------------------------------------------------------
 
 @pytest.fixture
