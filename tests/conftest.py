@@ -46,9 +46,10 @@ def _tiny_vocab():
 
 
 def write_tiny_gguf(path, *, tied=False, arch="qwen2", seed=0, rope_scaling=None, extra_tensors=(),
-                    drop_tensors=(), name="Tiny Qwen2 test model"):
+                    drop_tensors=(), name="Tiny Qwen2 test model", pad_token="<|endoftext|>", eot_token=None):
     """Write a tiny qwen2 GGUF to `path` and return the path. Tensor types cover F32, F16, BF16, Q8_0, Q5_0,
-    Q4_0 and the K-quants Q6_K and Q4_K."""
+    Q4_0 and the K-quants Q6_K and Q4_K. pad_token / eot_token: the text of the token that
+    padding_token_id / eot_token_id name (a control token in the first unused row if the vocab lacks it)."""
     import numpy as np
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -57,6 +58,10 @@ def write_tiny_gguf(path, *, tied=False, arch="qwen2", seed=0, rope_scaling=None
     H, I, L, nh, nkv = c["hidden"], c["intermediate"], c["layers"], c["heads"], c["kv_heads"]
     D = H // nh
     tokens, types, merges, first_special, V = _tiny_vocab()
+    for text in (pad_token, eot_token):
+        if text is not None and text not in tokens:
+            row = types.index(5)
+            tokens[row], types[row] = text, 3
     rng = np.random.default_rng(seed)
 
     def weight(*shape):
@@ -96,7 +101,9 @@ def write_tiny_gguf(path, *, tied=False, arch="qwen2", seed=0, rope_scaling=None
     w.add_token_types(types)
     w.add_token_merges(merges)
     w.add_eos_token_id(first_special + 2)
-    w.add_pad_token_id(first_special)
+    w.add_pad_token_id(tokens.index(pad_token))
+    if eot_token is not None:
+        w.add_eot_token_id(tokens.index(eot_token))
     w.add_bos_token_id(first_special)
     w.add_add_bos_token(False)
     w.add_chat_template(TINY_TEMPLATE)

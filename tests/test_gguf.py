@@ -68,6 +68,29 @@ def test_config_rope_scaling(make_tiny_gguf, tmp_path, kind):
         assert rs["original_max_position_embeddings"] == 64
 
 
+@pytest.mark.parametrize("pad, eot, stop", [
+    ("<|endoftext|>", None, [264, 262]),              # llama.cpp's official Qwen2.5-Instruct GGUFs
+    ("<|vision_pad|>", None, [264, 262]),             # third-party GGUFs (distilled Qwen models)
+    ("<|vision_pad|>", "<|end_of_turn|>", [264, 266, 262]),  # 265 is <|vision_pad|>
+], ids=["pad-endoftext", "pad-vision_pad", "eot"])
+def test_stop_ids_come_from_eos_eot_and_endoftext_never_from_pad(make_tiny_gguf, tmp_path, pad, eot, stop):
+    """generation_config.json's eos_token_id: <|im_end|> (eos) and <|endoftext|>, as the official
+    Qwen2.5-Instruct file has them ([151645, 151643]), plus an eot key's token; the padding token is no stop."""
+    import qwen2_pure
+    from qwen2_pure.generation import default_stop_ids
+    from qwen2_pure.loading.gguf_tokenizer import gguf_tokenizer_files
+    path = make_tiny_gguf(tmp_path / "t.gguf", pad_token=pad, eot_token=eot)
+    reader = qg.open_gguf(path)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[262] == "<|endoftext|>" and tokens[264] == "<|im_end|>" and (eot is None or tokens[266] == eot)
+    _, tok_cfg, gen = gguf_tokenizer_files(reader)
+    pad_id = tokens.index(pad)
+    assert gen == {"bos_token_id": 262, "eos_token_id": stop, "pad_token_id": pad_id}
+    assert (tok_cfg["eos_token"], tok_cfg["pad_token"]) == ("<|im_end|>", pad)
+    assert qwen2_pure.load_tokenizer(path).stop_token_ids == stop
+    assert default_stop_ids(qwen2_pure.load_model(path)) == stop
+
+
 # --------------------------------------------------------------------------------------------------------
 # tensors
 

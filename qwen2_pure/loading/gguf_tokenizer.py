@@ -7,7 +7,7 @@ A GGUF carries no tokenizer.json. It stores llama.cpp's description of the vocab
     tokenizer.ggml.tokens       every id's string, in the byte-level alphabet (GPT-2 `bytes_to_unicode`)
     tokenizer.ggml.token_type   1 normal, 3 control (special), 4 user defined (added, not special), 5 unused
     tokenizer.ggml.merges       "left right" strings in rank order
-    tokenizer.ggml.{bos,eos,padding}_token_id, tokenizer.ggml.add_bos_token, tokenizer.chat_template
+    tokenizer.ggml.{bos,eos,padding,eot,eom}_token_id, tokenizer.ggml.add_bos_token, tokenizer.chat_template
 
 From that we rebuild the files an official Qwen2 / Qwen2.5 checkpoint ships, so that the rest of the
 package (and transformers) sees an ordinary HF tokenizer:
@@ -16,7 +16,8 @@ package (and transformers) sees an ordinary HF tokenizer:
   space or regex; BPE without unk or byte fallback over the normal tokens; ByteLevel decoder and
   post-processor; control tokens as special added tokens, user-defined ones as plain added tokens.
 - tokenizer_config.json: the fields of an official Qwen2.5 tokenizer_config.json.
-- generation_config.json: only the token ids the GGUF carries (no sampling values: the GGUF has none).
+- generation_config.json: only token ids (no sampling values: the GGUF has none); the stop ids are
+  eos, eot, eom and <|endoftext|>, never the padding token (see `_stop_ids`).
 
 What a GGUF cannot give back (llama.cpp's converter loses it):
 - Whether an added token was `special` in the original. llama.cpp marks every `<|...|>` token as
@@ -84,6 +85,26 @@ def _added_token(token_id: int, content: str, special: bool) -> dict:
             "normalized": False, "special": special}
 
 
+def _stop_ids(tokens: list[str], token_types: list[int], eos_id: int, eot_id, eom_id) -> list[int]:
+    """generation_config's eos_token_id: the ids that end a generation, each from the key that means it.
+
+    The eos, eot (end of turn) and eom (end of message) keys, then the control token <|endoftext|>, which
+    ends every Qwen model's text: official generation_config.json has "eos_token_id": [151645, 151643]
+    (<|im_end|>, <|endoftext|>) for Instruct models and 151643 for base ones, and llama.cpp's Qwen GGUFs
+    name <|endoftext|> by no key but padding_token_id (and bos). llama.cpp too ends a generation on eos, eot,
+    eom and on tokens it knows by their text, <|im_end|> and <|endoftext|> among them (special_eog_ids in
+    src/llama-vocab.cpp). The padding token is never a stop id: third-party Qwen GGUFs (distilled models)
+    set padding_token_id to <|vision_pad|>, which ends nothing.
+    """
+    stop: list[int] = []
+    text_end = next((i for i, (t, ty) in enumerate(zip(tokens, token_types))
+                     if t == "<|endoftext|>" and ty == _CONTROL), None)
+    for tid in (eos_id, eot_id, eom_id, text_end):
+        if tid is not None and int(tid) not in stop:
+            stop.append(int(tid))
+    return stop
+
+
 def gguf_tokenizer_files(reader) -> tuple[str, dict, dict]:
     """(tokenizer.json text, tokenizer_config dict, generation_config dict) from a GGUF's metadata.
 
@@ -108,7 +129,10 @@ def gguf_tokenizer_files(reader) -> tuple[str, dict, dict]:
     eos_id = _field(reader, "tokenizer.ggml.eos_token_id")
     bos_id = _field(reader, "tokenizer.ggml.bos_token_id", required=False)
     pad_id = _field(reader, "tokenizer.ggml.padding_token_id", required=False)
-    for key, tid in (("eos_token_id", eos_id), ("bos_token_id", bos_id), ("padding_token_id", pad_id)):
+    eot_id = _field(reader, "tokenizer.ggml.eot_token_id", required=False)  # end of turn
+    eom_id = _field(reader, "tokenizer.ggml.eom_token_id", required=False)  # end of message (tool calls)
+    for key, tid in (("eos_token_id", eos_id), ("bos_token_id", bos_id), ("padding_token_id", pad_id),
+                     ("eot_token_id", eot_id), ("eom_token_id", eom_id)):
         if tid is not None and not 0 <= tid < len(tokens):
             raise Qwen2PureError(f"{where}: tokenizer.ggml.{key} = {tid} is outside the vocabulary "
                                  f"of {len(tokens)} tokens")
@@ -208,13 +232,11 @@ def gguf_tokenizer_files(reader) -> tuple[str, dict, dict]:
         "unk_token": None,
     })
 
-    # Instruct checkpoints stop on <|im_end|> and on <|endoftext|>: official generation_config.json has
-    # "eos_token_id": [151645, 151643]. The GGUF names the second only as the padding token.
     generation_config: dict[str, Any] = {}
     if bos_id is not None:
         generation_config["bos_token_id"] = int(bos_id)
-    generation_config["eos_token_id"] = (
-        [int(eos_id), int(pad_id)] if pad_id is not None and pad_id != eos_id else int(eos_id))
+    stop = _stop_ids(tokens, token_types, eos_id, eot_id, eom_id)
+    generation_config["eos_token_id"] = stop if len(stop) > 1 else stop[0]
     if pad_id is not None:
         generation_config["pad_token_id"] = int(pad_id)
 
