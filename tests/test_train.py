@@ -1,6 +1,7 @@
 """The LoRA SFT loop on a tiny checkpoint with the real Qwen2.5 tokenizer and the project's demo dataset."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -159,3 +160,45 @@ def test_cli_train_runs_the_llamafactory_command_line(base_dir, tmp_path, capsys
     assert "2 steps" in capsys.readouterr().err
     assert main(["train", "--stage", "dpo"] + argv[3:]) == 2  # one clear line, exit 2
     assert "--stage 'dpo'" in capsys.readouterr().err
+
+
+def test_fp16_a_skipped_step_does_not_advance_the_schedule(base_dir, tmp_path, monkeypatch):
+    """The grad scaler skips the update of a step with inf gradients; the learning-rate schedule must not
+    move either (transformers' Trainer steps the scheduler only when the optimizer step ran)."""
+    import qwen2_pure.train.trainer as tr
+    from qwen2_pure.lora import lora_state_dict
+
+    class InfGrad(torch.autograd.Function):  # a finite loss whose gradients overflow, as fp16 ones do
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    real, calls, snapshots = tr.token_loss_sum, [], []
+
+    def overflowing(model, batch):
+        loss, n = real(model, batch)
+        if model.training:
+            calls.append(1)
+            if len(calls) % 2 == 1:  # the first micro-batch of each step (2 per step): the weights before it
+                snapshots.append({k: v.clone() for k, v in lora_state_dict(model).items()})
+            if len(calls) == 3:  # step 2
+                loss = InfGrad.apply(loss)
+        return loss, n
+
+    monkeypatch.setattr(tr, "token_loss_sum", overflowing)
+    args = args_for(base_dir, tmp_path / "fp16", "--fp16", "True", "--max_steps", "3", "--learning_rate", "1e-3",
+                    "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "100", "--plot_loss", "False")
+    t = Trainer(args, progress=False)
+    state = t.train()
+    logs = [e for e in state["log_history"] if "loss" in e]
+    assert [e["step"] for e in logs] == [1, 2, 3]
+    assert math.isfinite(logs[0]["grad_norm"]) and not math.isfinite(logs[1]["grad_norm"])
+    # cosine over 3 steps, no warmup: 1e-3, 7.5e-4, 2.5e-4; the skipped step 2 leaves step 3 at 7.5e-4
+    assert [e["learning_rate"] for e in logs] == pytest.approx([1e-3, 7.5e-4, 7.5e-4], rel=1e-12)
+    assert all(torch.equal(snapshots[2][k], v) for k, v in snapshots[1].items())  # step 2 changed nothing
+    assert not all(torch.equal(snapshots[1][k], v) for k, v in snapshots[0].items())  # step 1 did
+    assert t.scaler.get_scale() == 2.0 ** 15  # halved once, from 2**16

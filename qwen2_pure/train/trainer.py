@@ -364,11 +364,17 @@ class Trainer:
                     + (" (fp16 overflows are common with Qwen2: try --bf16 True)" if args.fp16 else ""))
             self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm))
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
+            # The scaler skips the update when a gradient is inf/nan, and then lowers its scale; the schedule
+            # then stays where it is, as in transformers' Trainer (`if not self.accelerator.
+            # optimizer_step_was_skipped: self.lr_scheduler.step()`; before accelerate, `optimizer_was_run
+            # = scale_before <= scale_after`, the test used here). The step still counts.
+            if self.scaler.get_scale() >= scale:
+                self.scheduler.step()
             self.step += 1
             window.append(loss_value)
             bar.update(1)
