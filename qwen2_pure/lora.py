@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -392,8 +391,7 @@ def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, o
     tokenizer files and generation_config.json, in a temp folder beside `output` renamed into place at the end.
     """
     from .loading import load_model, resolve_source
-    from .loading.safetensors_io import replace_dir
-    from .loading.safetensors_io import write_safetensors
+    from .loading.safetensors_io import replace_dir, temp_dir_beside, write_safetensors
 
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -425,7 +423,7 @@ def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, o
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
     meta = {"format": "pt", "merged_by": "qwen2-pure export", "adapter": Path(adapter).name}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in extra_files.items():
@@ -437,9 +435,6 @@ def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, o
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
         write_safetensors(tmp / "model.safetensors", specs, iter(state.items()), meta)
-        for p in tmp.iterdir():
-            p.chmod(0o644)
-        tmp.chmod(0o755)
         replace_dir(tmp, out)
     except OSError as e:
         raise Qwen2PureError(f"{out}: cannot write the merged model ({e})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -161,6 +162,24 @@ def test_save_load_roundtrip(base_dir, tmp_path):
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")]
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_follow_the_umask(base_dir, tmp_path, umask):
+    """Adapter files and export folders get an ordinary file's mode (0666/0777 less the umask), not the
+    0600/0700 of a temp file."""
+    from qwen2_pure.lora import export_merged
+    old = os.umask(umask)
+    try:
+        adir, _ = make_our_adapter(base_dir, tmp_path / "a")
+        out = export_merged(base_dir, adir, tmp_path / "merged")
+    finally:
+        os.umask(old)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (adir / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
 
 # ---- the layer ---------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,19 @@ def test_a_short_run_lowers_the_eval_loss_and_writes_its_files(run):
     assert any("tokens_per_second" in x and "grad_norm" in x and "learning_rate" in x for x in lines)
     assert not list(out.glob(".checkpoint-*"))  # no temp folders left
 
+
+def test_outputs_have_an_ordinary_files_mode(run):
+    """checkpoint-N/ folders and the adapter files in them and in output_dir: 0777/0666 less the umask, like
+    trainer_state.json and the plots (not a temp folder's 0700 or a temp file's 0600)."""
+    out, _ = run
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in out.glob("checkpoint-*"):
+        assert d.stat().st_mode & 0o777 == 0o777 & ~umask, d.name
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"adapter_model.safetensors", "adapter_config.json", "training_state.pt"}
+    for p in files:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.relative_to(out)
 
 def test_the_adapter_loads_in_peft_with_equal_logits(run, base_dir):
     peft = pytest.importorskip("peft")

@@ -28,7 +28,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -590,18 +589,6 @@ def iter_gguf_tensors(path_or_reader, keep_int4=None) -> Iterator[tuple[str, obj
 # --------------------------------------------------------------------------------------------------------
 # Conversion to an HF folder
 
-_UMASK = None
-
-
-def _public_mode(path: Path, is_dir: bool) -> None:
-    """mkstemp/mkdtemp create 0600/0700 entries; give the output the permissions a plain write would."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0)
-        os.umask(_UMASK)
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~_UMASK)
-
-
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
                  overwrite: bool = False) -> Path:
     """Dequantize a qwen2 GGUF into an HF-layout folder that transformers loads; returns `out_dir`.
@@ -614,7 +601,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     from tqdm.auto import tqdm
 
     from .gguf_tokenizer import gguf_tokenizer_files
-    from .safetensors_io import replace_dir, write_safetensors
+    from .safetensors_io import replace_dir, temp_dir_beside, write_safetensors
 
     src, out = Path(gguf_path), Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -640,7 +627,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Qwen2PureError(f"{out.parent}: cannot create the output's parent folder ({e})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -660,9 +647,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
 
         specs = [(hf, torch.float32, shape) for _, hf, shape in plan]
         write_safetensors(tmp / "model.safetensors", specs, tensors(), metadata)
-        for p in tmp.iterdir():
-            _public_mode(p, is_dir=False)
-        _public_mode(tmp, is_dir=True)
         replace_dir(tmp, out)
     except OSError as e:
         raise Qwen2PureError(f"{out}: cannot write the converted model ({e})") from None

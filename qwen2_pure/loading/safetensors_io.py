@@ -17,8 +17,8 @@ import json
 import math
 import mmap
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -147,7 +147,7 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, torch.
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
@@ -169,10 +169,34 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, torch.
         raise
 
 
+def _create_beside(path: Path, suffix: str = ".tmp", directory: bool = False):
+    """A new hidden, uniquely named file (returned as `(fd, path)`) or folder (its path) beside `path`.
+
+    It gets the permissions of an ordinary open()/mkdir(), 0666/0777 less the umask, where tempfile's
+    mkstemp/mkdtemp give 0600/0700: the temp is renamed into place, so its mode is the output's.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+                return tmp
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+def temp_dir_beside(final: str | os.PathLike) -> Path:
+    """An empty temp folder beside `final` (its parent must exist) for a writer to fill; `replace_dir` then
+    renames it into place."""
+    return _create_beside(Path(final), directory=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file so that readers see either the old file or the whole new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -198,7 +222,7 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         out.rmdir()
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = _create_beside(out, suffix=".old", directory=True)
     old.rmdir()
     os.replace(out, old)
     try:

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Qwen2PureError
-from ..loading.safetensors_io import replace_dir
+from ..loading.safetensors_io import replace_dir, temp_dir_beside
 from .args import TrainArgs
 
 TRAINER_STATE = "trainer_state.json"
@@ -131,12 +130,6 @@ def enable_gradient_checkpointing(model) -> None:
     for layer in model.model.layers:
         plain = layer.forward
         layer.forward = lambda *a, _f=plain: checkpoint(_f, *a, use_reentrant=False)
-
-
-def _atomic_dir(final: Path) -> Path:
-    """A temp folder beside `final`; `replace_dir` renames it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
 @torch.no_grad()
@@ -272,7 +265,8 @@ class Trainer:
 
     def _write_checkpoint(self, final: Path) -> None:
         from ..lora import save_adapter
-        tmp = _atomic_dir(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir_beside(final)
         save_adapter(self.model, tmp, base_model_name_or_path=self.base)
         (tmp / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
