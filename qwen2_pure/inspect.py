@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import Qwen2PureError, read_json_object
-from .presets import META_KEYS, config_json, get_preset, is_preset, resolve_preset_name
+from .presets import META_KEYS, PRESETS, config_json, get_preset, is_preset, resolve_preset_name
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
@@ -58,7 +58,8 @@ def parse_dtype(name: str) -> str:
 def load_source(source) -> tuple[dict, str, str]:
     """(config.json dict, display name, kind) for a preset name, a folder or a .json file; reads no weights.
 
-    kind is 'preset', 'folder', 'file' or 'dict'. A preset dict keeps its `_provenance`/`_published` keys.
+    kind is 'preset', 'folder', 'file' or 'dict'. A preset dict keeps its `_provenance`, `_sources` and
+    `_published` keys.
     """
     if isinstance(source, dict):
         return dict(source), str(source.get("_name_or_path") or "config"), "dict"
@@ -326,6 +327,7 @@ def inspect_config(cfg, *, context: Optional[int] = None, kv_dtype: str = "bf16"
     d, display, kind = load_source(cfg)
     name = name or display
     provenance = d.get("_provenance")
+    sources = list(d.get("_sources") or [])
     published = d.get("_published")
     d = config_json(d)
     a = _arch(d, name)
@@ -360,6 +362,7 @@ def inspect_config(cfg, *, context: Optional[int] = None, kv_dtype: str = "bf16"
         "weight_bytes": {k: math.ceil(c["total"] * DTYPE_BYTES[k]) for k in WEIGHT_DTYPES},
         "kv_cache": kv_cache(a, T, kv_dtype),
         "provenance": provenance,
+        "sources": sources,
         "published": None,
         "model_check": {"built": False, "total": None, "parts": None, "matches": None, "note": "not requested"},
         "definitions": {
@@ -427,12 +430,24 @@ def _arch_line(r: dict) -> str:
             f"{'tied' if a['tied'] else 'untied'} lm_head, context {a['context']}")
 
 
+TEXT_WIDTH = 110
+
+
+def _wrap(text: str, initial: str, subsequent: str, width: int = TEXT_WIDTH) -> list[str]:
+    """Lines of at most `width` characters, broken between words only: a URL or a name such as
+    Qwen2.5-Coder-32B-Instruct is never cut (a word longer than the line gets a line of its own)."""
+    return textwrap.wrap(text, width, initial_indent=initial, subsequent_indent=subsequent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def format_report(r: dict) -> str:
     a, p, f, kv = r["architecture"], r["params"], r["flops"], r["kv_cache"]
     total = r["total_params"]
     lines = [f"{r['name']}  ({r['kind']})"]
     if r.get("provenance"):
-        lines += textwrap.wrap(f"values: {r['provenance']}", 110, initial_indent="  ", subsequent_indent="    ")
+        lines += _wrap(f"values: {r['provenance']}", "  ", "    ")
+        for source in r.get("sources") or []:
+            lines += _wrap(f"- {source}", "    ", "      ")
     lines += ["", "architecture", f"  {_arch_line(r)}", "", "parameters"]
     notes = {
         "embed": f"embed_tokens, {a['vocab_size']} x {a['hidden_size']}",
@@ -461,7 +476,7 @@ def format_report(r: dict) -> str:
         verdict = "matches" if all(v["ok"] for v in checks.values()) else \
             "DIFFERS: " + ", ".join(k for k, v in checks.items() if not v["ok"])
         lines.append(f"  {'published':<22}{shown}: {verdict}")
-        lines += textwrap.wrap(f"source: {pub['source']}", 110, initial_indent=" " * 24, subsequent_indent=" " * 26)
+        lines += _wrap(f"source: {pub['source']}", " " * 24, " " * 26)
     lines.append(f"  {'model check':<22}{r['model_check']['note']}")
     T = f["context"]
     lines += [
@@ -482,6 +497,19 @@ def format_report(r: dict) -> str:
         f"{kv['gqa_saving']:g}x",
         f"  {'at T':<22}{fmt_bytes(kv['at_context']):>11}  (as MHA: {fmt_bytes(kv['at_context_mha'])})",
     ]
+    return "\n".join(lines)
+
+
+def format_preset_list(width: int = TEXT_WIDTH) -> str:
+    """`inspect --list`: one preset a row (name, model type, context, where its values come from), the
+    provenance wrapped between words under its own column; `inspect NAME` prints the sources in full."""
+    name_w = max(len(n) for n in PRESETS) + 2
+    type_w = max(len(p["model_type"]) for p in PRESETS.values()) + 2
+    lead_w = name_w + type_w + len("131072 ctx  ")
+    lines = []
+    for name, preset in PRESETS.items():
+        lead = f"{name:<{name_w}}{preset['model_type']:<{type_w}}{preset['max_position_embeddings']:>6} ctx  "
+        lines += _wrap(lead + preset["_provenance"], "", " " * lead_w, max(width, lead_w + 40))
     return "\n".join(lines)
 
 
@@ -596,4 +624,5 @@ def report_json(reports: list[dict]) -> str:
 
 
 __all__ = ["inspect_config", "load_source", "meta_model", "module_tree", "format_report", "format_compare",
-           "plot_reports", "report_json", "count_params", "published_checks", "DTYPE_BYTES", "META_KEYS"]
+           "format_preset_list", "plot_reports", "report_json", "count_params", "published_checks", "DTYPE_BYTES",
+           "META_KEYS"]

@@ -1,34 +1,25 @@
 """Built-in `config.json` files of the official Qwen2 and Qwen2.5 checkpoints (and Qwen1.5-7B), for `inspect`.
 
-Each preset is the config.json of the official Hugging Face repository of that name, as a dict, plus two keys
-of our own that no config.json has:
+Each preset is the config.json of the official Hugging Face repository of that name
+(https://huggingface.co/Qwen/<name>), as a dict, plus three keys of our own that no config.json has:
 
-- `_provenance`: where the values come from, and which of them are uncertain;
+- `_provenance`: one line, at most 80 characters, saying where the values come from (`inspect --list`
+  shows it);
+- `_sources`: the sources in full (repository and file, web page or paper) and the values that no source
+  confirms;
 - `_published`: the parameter counts the Qwen team (or the checkpoint's own safetensors index) states, with
   the source. `exact_total` is `metadata.total_size` of `model.safetensors.index.json` divided by 2 (bf16):
   the true parameter count of the published weights. Counts that the weights contradict are named in the
   source text but not listed as published.
 
-`config_json(preset)` strips those two keys again. Only the fields that do not change the architecture
-(`max_window_layers`, `sliding_window` — inert while `use_sliding_window` is false —, `transformers_version`)
-are, for a few Instruct files, taken from the base file or from sibling checkpoints; `_provenance` says where.
-
-Sources (all public copies; the HF repositories could not be read from here):
-- [R]  this project's reference, shared/reference/qwen2-semantics.md §6.7 (Qwen2 values, with its own sources).
-- [LG] Lightning-AI/litgpt `litgpt/config.py`, the Qwen2.5 entries (n_embd, n_layer, n_head, n_query_groups,
-       intermediate_size, padded_vocab_size, norm_eps, rope_base, block_size = the base max_position_embeddings).
-- [MP] citsjtu2020/LLM-Prof `sglang/Model_Config.md`: verbatim Qwen2.5-3B/7B/14B/32B (base) config.json.
-- [I6] rwth-i6/i6_experiments `.../configurations/qwen2/qwen2_configs.py`: verbatim Qwen2-0.5B config.json.
-- [TR] NVIDIA/TensorRT-LLM `tests/unittest/_torch/modeling/test_modeling_qwen_moe.py`: QWEN2_57B_A14B_CONFIG.
-- [HF] huggingface/transformers `examples/pytorch/torchacc/qwen/Qwen1.5-7B/`: config.json and
-       model.safetensors.index.json (total_size 15442649088 bytes).
-- [DE] Retruth/deontic `nlp_models/qwen2/README.md`: Qwen/Qwen2-7B-Instruct's config as transformers loads it.
-- [MC] the model cards (ZHUI/paddlenlp_model_readme `Qwen/<name>/index.md` mirrors them): "Number of
-       Parameters" and "Non-Embedding" of every Qwen2.5 size.
-- [BL] the Qwen2 release blog's size table (quoted by public summaries): 0.49B/0.35B, 1.54B/1.31B,
-       7.07B/5.98B, 57.41B/56.32B, 72.71B/70.21B (total / non-embedding).
-- [PC] public code copies found by content search but not attributable to one repository: test fixtures,
-       logs and docs quoting the config.json or the safetensors index of the named checkpoint.
+The official files themselves could not be read from here: every value comes from a public copy of the
+file (a verbatim copy, a conversion that keeps its fields, or a fine-tune saved from it), from litgpt's
+table of the same models, or from Qwen's own tables, and `_sources` names which. The fields that shape the
+model (sizes, heads, vocabulary, tying) are confirmed for every preset. Where only a re-saved copy exists
+(transformers writes `sliding_window` as null and its own `transformers_version` when it saves), the fields
+that do not change the model (`max_window_layers`, `sliding_window`, inert while `use_sliding_window` is
+false, and `transformers_version`) are taken from the sibling file or left out, and `_sources` says so.
+`config_json(preset)` strips the three keys again.
 """
 
 from __future__ import annotations
@@ -38,7 +29,8 @@ import difflib
 
 from .errors import Qwen2PureError
 
-META_KEYS = ("_provenance", "_published")
+META_KEYS = ("_provenance", "_sources", "_published")
+PROVENANCE_WIDTH = 80  # `_provenance` is one line of `inspect --list`
 
 _QWEN2 = {
     "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
@@ -49,73 +41,114 @@ _QWEN2 = {
 
 def _dense(hidden, layers, heads, kv_heads, intermediate, vocab, tied, *, context, eps=1e-6, window=None,
            max_window_layers=None, transformers_version=None, **extra) -> dict:
+    """A dense Qwen2 config.json; an `extra` value of None leaves that key out of the file."""
     d = dict(_QWEN2, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
              num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
              tie_word_embeddings=tied, max_position_embeddings=context, rms_norm_eps=eps,
              sliding_window=window if window is not None else context,
-             max_window_layers=max_window_layers if max_window_layers is not None else layers)
-    if transformers_version:
-        d["transformers_version"] = transformers_version
-    d.update(extra)
-    return dict(sorted(d.items()))
+             max_window_layers=max_window_layers if max_window_layers is not None else layers,
+             transformers_version=transformers_version, **extra)
+    return dict(sorted((k, v) for k, v in d.items() if v is not None))
 
 
-def _instruct(base: dict, provenance: str, published: dict | None = None, **changes) -> dict:
-    d = {k: v for k, v in base.items() if k not in META_KEYS}
-    d.update(eos_token_id=151645, **changes)
-    d = dict(sorted(d.items()))
-    d["_provenance"] = provenance
-    if published is not None:
-        d["_published"] = published
-    return d
+def _instruct(base: dict, **changes) -> dict:
+    """The config.json of the Instruct sibling of preset `base`: eos_token_id 151645 and `changes`."""
+    d = dict(config_json(base), eos_token_id=151645, **changes)
+    return dict(sorted((k, v) for k, v in d.items() if v is not None))
 
 
-def _with(d: dict, provenance: str, published: dict | None = None) -> dict:
-    d = dict(d, _provenance=provenance)
-    if published is not None:
-        d["_published"] = published
-    return d
+def config_json(d: dict) -> dict:
+    """`d` without the keys presets add (`_provenance`, `_sources`, `_published`): the config.json itself."""
+    return {k: v for k, v in d.items() if k not in META_KEYS}
+
+
+def _preset(config: dict, provenance: str, sources: list[str], published: dict) -> dict:
+    if len(provenance) > PROVENANCE_WIDTH or "\n" in provenance:
+        raise ValueError(f"_provenance must be one line of at most {PROVENANCE_WIDTH} characters: {provenance!r}")
+    return {**config, "_provenance": provenance, "_sources": list(sources), "_published": dict(published)}
+
+
+def _add_instruct(base_name: str, changes: dict, provenance: str, sources: list[str]) -> None:
+    """PRESETS[base_name + "-Instruct"]: the base file with eos_token_id 151645 and `changes` (a value of None
+    removes the key), and the base model's published parameter counts (the weights have the same shapes)."""
+    base = PRESETS[base_name]
+    PRESETS[base_name + "-Instruct"] = _preset(_instruct(base, **changes), provenance, sources, base["_published"])
+
+
+def _hub(name: str) -> str:
+    return f"https://huggingface.co/Qwen/{name}/blob/main/config.json"
+
+
+def _litgpt(name: str, instruct_eps: bool = False) -> str:
+    """litgpt's table entry for `name`; with `instruct_eps`, say that its norm eps is the base model's."""
+    fields = "hidden size, layers, query and KV heads, intermediate size, padded vocabulary, RoPE base and " \
+        "context (block_size) agree" + ("" if instruct_eps else ", and so does the norm eps")
+    note = ("; its norm eps, 1e-05, is the base model's (litgpt has one entry for base and Instruct), so the "
+            "Instruct file's 1e-06 comes from the copy above" if instruct_eps else "")
+    return ("Lightning-AI/litgpt, litgpt/config.py (https://github.com/Lightning-AI/litgpt/blob/main/litgpt/"
+            f"config.py), entry {name}: {fields}{note}.")
+_QWEN2_REPORT = ("The Qwen2 Technical Report (arXiv:2407.10671), Table 1, gives the same hidden size, layers, "
+                 "heads, intermediate size and embedding tying.")
+_QWEN2_BLOG = "the size table of the Qwen2 release blog (https://qwenlm.github.io/blog/qwen2/)"
+
+
+def _card(name: str) -> str:
+    return (f"the model card of Qwen/{name} (https://huggingface.co/Qwen/{name}), mirrored in "
+            f"ZHUI/paddlenlp_model_readme, Qwen/{name}/index.md")
 
 
 PRESETS: dict[str, dict] = {}
 
 # ---- Qwen1.5-7B: the MHA predecessor, for `inspect --compare Qwen1.5-7B Qwen2-7B` --------------------------
-PRESETS["Qwen1.5-7B"] = _with(
+PRESETS["Qwen1.5-7B"] = _preset(
     _dense(4096, 32, 32, 32, 11008, 151936, False, context=32768, window=32768, max_window_layers=28,
            transformers_version="4.37.0"),
-    "[HF] verbatim copy of Qwen/Qwen1.5-7B config.json (model_type qwen2: Qwen1.5 is the Qwen2 architecture "
-    "with 32 KV heads, i.e. no GQA).",
+    "verbatim copy of its config.json in the huggingface/transformers repository",
+    [f"config.json of Qwen/Qwen1.5-7B ({_hub('Qwen1.5-7B')}), copied verbatim in huggingface/transformers, "
+     "examples/pytorch/torchacc/qwen/Qwen1.5-7B/config.json. model_type is qwen2: Qwen1.5 is the Qwen2 "
+     "architecture with 32 KV heads, i.e. no grouped-query attention."],
     {"exact_total": 7721324544,
-     "source": "[HF] model.safetensors.index.json total_size 15442649088 bytes (bf16) / 2"})
+     "source": "model.safetensors.index.json in the same folder: total_size 15442649088 bytes (bf16) / 2"})
 
 # ---- Qwen2 (June 2024) ------------------------------------------------------------------------------------
-_Q2_BLOG = "[BL] Qwen2 blog size table"
-PRESETS["Qwen2-0.5B"] = _with(
+_Q2_SIZES = _QWEN2_BLOG + " (total / non-embedding)"
+PRESETS["Qwen2-0.5B"] = _preset(
     _dense(896, 24, 14, 2, 4864, 151936, True, context=131072, transformers_version="4.40.1"),
-    "[I6] verbatim copy of Qwen/Qwen2-0.5B config.json; agrees with [R] (which cites the published file at "
-    "revision 91d2aff3).",
-    {"total": "0.49B", "non_embedding": "0.35B", "source": _Q2_BLOG})
-PRESETS["Qwen2-1.5B"] = _with(
+    "verbatim copy of its config.json in rwth-i6/i6_experiments",
+    [f"config.json of Qwen/Qwen2-0.5B ({_hub('Qwen2-0.5B')}), copied verbatim in rwth-i6/i6_experiments, "
+     "users/juanola/experiments/e25_11_13_ctc/configurations/qwen2/qwen2_configs.py. It agrees with "
+     "chgk13/Qwen2-0.5B-openvino on the Hub, a conversion of Qwen/Qwen2-0.5B that keeps its config.",
+     _QWEN2_REPORT],
+    {"total": "0.49B", "non_embedding": "0.35B", "source": _Q2_SIZES})
+PRESETS["Qwen2-1.5B"] = _preset(
     _dense(1536, 28, 12, 2, 8960, 151936, True, context=131072, transformers_version="4.40.1"),
-    "[R] §6.7 (from HF-hosted re-uploads of Qwen/Qwen2-1.5B, transformers 4.40.1).",
-    {"total": "1.54B", "non_embedding": "1.31B", "source": _Q2_BLOG})
-PRESETS["Qwen2-7B"] = _with(
+    "re-uploads of the checkpoint on the Hub; Qwen2 Technical Report, Table 1",
+    ["config.json of the Hub re-uploads rombodawg/Qwen2-1.5b-Reuploaded (transformers 4.40.1) and "
+     "Egoli/Qwen2-1.5b-identity (_name_or_path Qwen/Qwen2-1.5B); the official file is " + _hub("Qwen2-1.5B") + ".",
+     _QWEN2_REPORT],
+    {"total": "1.54B", "non_embedding": "1.31B", "source": _Q2_SIZES})
+PRESETS["Qwen2-7B"] = _preset(
     _dense(3584, 28, 28, 4, 18944, 152064, False, context=131072),
-    "[R] §6.7 (a public repo's Qwen2_7B dict and derivatives of Qwen/Qwen2-7B). transformers_version omitted "
-    "(4.37.2 in one copy, not confirmed).",
+    "copies of its config.json in public code; Qwen2 Technical Report, Table 1",
+    [f"config.json of Qwen/Qwen2-7B ({_hub('Qwen2-7B')}) as a Qwen2_7B dict in public code and in models "
+     "fine-tuned from it on the Hub (e.g. heegyu/0713-qwen2-infini-qarv). transformers_version is left out: "
+     "one copy says 4.37.2, no second copy confirms it.",
+     _QWEN2_REPORT],
     {"total": "7.62B", "non_embedding": "6.53B", "exact_total": 7615616512,
-     "source": "[PC] the safetensors index of Qwen/Qwen2.5-7B-Instruct (identical shapes) declares total_size "
-               "15231233024 bytes = 7,615,616,512 bf16 parameters; [MC] Qwen2.5-7B says 7.61B / 6.53B. The Qwen2 "
-               "blog's 7.07B / 5.98B for Qwen2-7B is contradicted by the weights (7.07B is the total minus one "
-               "embedding matrix)."})
-PRESETS["Qwen2-72B"] = _with(
+     "source": "The safetensors index of Qwen/Qwen2.5-7B-Instruct (the same tensor shapes) declares total_size "
+               "15231233024 bytes = 7,615,616,512 bf16 parameters (a copy in public code); the Qwen2.5-7B model "
+               "card says 7.61B / 6.53B. The Qwen2 blog's 7.07B / 5.98B for Qwen2-7B is contradicted by the "
+               "weights (7.07B is the total minus one embedding matrix)."})
+PRESETS["Qwen2-72B"] = _preset(
     _dense(8192, 80, 64, 8, 29568, 152064, False, context=131072, eps=1e-5),
-    "[R] §6.7, from the official Qwen/Qwen2-72B config.json page at revision c03367ee (rms_norm_eps 1e-05). "
-    "max_window_layers is 80 in later-revision copies (28 in that early revision); it is inert.",
+    "its config.json page on the Hugging Face Hub at revision c03367ee",
+    ["https://huggingface.co/Qwen/Qwen2-72B/blob/c03367ee/config.json (rms_norm_eps 1e-05). max_window_layers "
+     "is 28 in that revision and 80 in copies of later ones; it is inert. transformers_version left out.",
+     _QWEN2_REPORT],
     {"total": "72.71B", "non_embedding": "70.21B", "exact_total": 72706203648,
-     "source": _Q2_BLOG + "; exact_total from the safetensors index of Qwen/Qwen2.5-72B-Instruct (identical "
-               "shapes): total_size 145412407296 bytes [PC]"})
-PRESETS["Qwen2-57B-A14B"] = _with(
+     "source": _Q2_SIZES + "; exact_total from the safetensors index of Qwen/Qwen2.5-72B-Instruct (the same "
+               "tensor shapes), total_size 145412407296 bytes, as copied in public code"})
+PRESETS["Qwen2-57B-A14B"] = _preset(
     dict(sorted({
         "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
         "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584,
@@ -126,121 +159,163 @@ PRESETS["Qwen2-57B-A14B"] = _with(
         "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 20480, "sliding_window": 131072,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
         "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}.items())),
-    "[TR] QWEN2_57B_A14B_CONFIG, agreeing with [R] §6.7. intermediate_size 18944 is unused (every layer is "
-    "MoE); mlp_only_layers and qkv_bias are absent (transformers defaults: [] and true).",
-    {"total": "57.41B", "non_embedding": "56.32B", "active": "14.2B",
-     "source": _Q2_BLOG + " (total, non-embedding); 'A14B' in the name; 14.2B active is the figure issue 6 "
-               "quotes (no Qwen source found for the decimal)"})
+    "copy of its config.json in NVIDIA/TensorRT-LLM's tests",
+    [f"config.json of Qwen/Qwen2-57B-A14B ({_hub('Qwen2-57B-A14B')}) as QWEN2_57B_A14B_CONFIG in "
+     "NVIDIA/TensorRT-LLM, tests/unittest/_torch/modeling/test_modeling_qwen_moe.py. intermediate_size 18944 "
+     "is unused (every layer is MoE); mlp_only_layers and qkv_bias are absent (transformers defaults: [] and "
+     "true).",
+     _QWEN2_REPORT + " It counts the shared expert as 8 shared experts of 2,560 (one of 20,480 here)."],
+    {"total": "57.41B", "non_embedding": "56.32B", "active": "14B",
+     "source": _Q2_SIZES + "; active: the 'A14B' in the name (our count, total minus the routed experts a "
+               "token does not use, is 14.25B)"})
 
-_Q2_INSTRUCT = ("Instruct: the base file with eos_token_id 151645 and max_position_embeddings 32768, as [R] "
-                "§6.7 states for every Qwen2 Instruct model. ")
-PRESETS["Qwen2-0.5B-Instruct"] = _instruct(
-    PRESETS["Qwen2-0.5B"], _Q2_INSTRUCT + "sliding_window is set to 32768 as in the Qwen2.5 small Instruct "
-    "files; [R] says 32768 or 131072 depending on revision (inert).",
-    PRESETS["Qwen2-0.5B"]["_published"], max_position_embeddings=32768, sliding_window=32768)
-PRESETS["Qwen2-1.5B-Instruct"] = _instruct(
-    PRESETS["Qwen2-1.5B"], _Q2_INSTRUCT + "sliding_window 32768: uncertain, 32768 or 131072 by revision (inert).",
-    PRESETS["Qwen2-1.5B"]["_published"], max_position_embeddings=32768, sliding_window=32768)
-PRESETS["Qwen2-7B-Instruct"] = _instruct(
-    PRESETS["Qwen2-7B"], _Q2_INSTRUCT + "[DE] confirms max_position_embeddings 32768, max_window_layers 28, "
-    "rms_norm_eps 1e-06, eos 151645; its sliding_window is shown as null (transformers drops it), so the base "
-    "value 131072 is kept: uncertain (inert).",
-    PRESETS["Qwen2-7B"]["_published"], max_position_embeddings=32768)
-PRESETS["Qwen2-72B-Instruct"] = _instruct(
-    PRESETS["Qwen2-72B"], _Q2_INSTRUCT + "rms_norm_eps 1e-06 per [R] (public copies of Qwen2-72B-Instruct); "
-    "a [PC] copy shows max_window_layers 80, sliding_window 131072.",
-    PRESETS["Qwen2-72B"]["_published"], max_position_embeddings=32768, rms_norm_eps=1e-06)
-PRESETS["Qwen2-57B-A14B-Instruct"] = _instruct(
-    PRESETS["Qwen2-57B-A14B"], _Q2_INSTRUCT + "The 32K context is also what xorbitsai/inference lists for "
-    "Qwen/Qwen2-57B-A14B-Instruct. sliding_window kept at the base 131072: uncertain (inert).",
-    PRESETS["Qwen2-57B-A14B"]["_published"], max_position_embeddings=32768)
+_Q2_INSTRUCT = ("The Instruct file is the base file with eos_token_id 151645 and max_position_embeddings 32768, "
+                "as the copies below show.")
+_add_instruct(
+    "Qwen2-0.5B", dict(max_position_embeddings=32768, sliding_window=32768),
+    "copies of its config.json on the Hugging Face Hub",
+    [f"config.json of Qwen/Qwen2-0.5B-Instruct ({_hub('Qwen2-0.5B-Instruct')}) in copies on the Hub: "
+     "harry85/Qwen2-0.5B-Instruct and PrunaAI/Qwen-Qwen2-0.5B-Instruct-HQQ-1bit-smashed (max_window_layers 24, "
+     "sliding_window 32768). transformers_version is the base file's 4.40.1: the copies were saved again "
+     "with later versions.", _Q2_INSTRUCT])
+_add_instruct(
+    "Qwen2-1.5B", dict(max_position_embeddings=32768, sliding_window=32768),
+    "the base file with the Instruct changes; sliding_window not confirmed",
+    [f"The official file is {_hub('Qwen2-1.5B-Instruct')}; no copy of it was found. " + _Q2_INSTRUCT.replace(
+        "as the copies below show", "as copies of the other Qwen2 Instruct files show") +
+     " sliding_window 32768 is unconfirmed: 32768 or 131072 depending on the revision (inert)."])
+_add_instruct(
+    "Qwen2-7B", dict(max_position_embeddings=32768),
+    "its config as transformers prints it, in Retruth/deontic",
+    [f"config.json of Qwen/Qwen2-7B-Instruct ({_hub('Qwen2-7B-Instruct')}) as transformers prints it in "
+     "Retruth/deontic, nlp_models/qwen2/README.md: max_position_embeddings 32768, max_window_layers 28, "
+     "rms_norm_eps 1e-06, eos_token_id 151645. It shows sliding_window as null (transformers drops it), so "
+     "the base file's 131072 is kept, unconfirmed (inert)."])
+_add_instruct(
+    "Qwen2-72B", dict(max_position_embeddings=32768, rms_norm_eps=1e-06),
+    "copies of its config.json in public code",
+    [f"config.json of Qwen/Qwen2-72B-Instruct ({_hub('Qwen2-72B-Instruct')}) in copies found in public code "
+     "(their repositories were not recorded): rms_norm_eps 1e-06, max_window_layers 80, sliding_window "
+     "131072. " + _Q2_INSTRUCT.replace("as the copies below show", "as these copies show")])
+_add_instruct(
+    "Qwen2-57B-A14B", dict(max_position_embeddings=32768),
+    "the base file with the Instruct changes; sliding_window not confirmed",
+    [f"The official file is {_hub('Qwen2-57B-A14B-Instruct')}; no copy of it was found. " + _Q2_INSTRUCT.replace(
+        "as the copies below show", "as copies of the other Qwen2 Instruct files show") +
+     " xorbitsai/inference also lists a 32K context for Qwen/Qwen2-57B-A14B-Instruct. sliding_window is kept "
+     "at the base file's 131072, unconfirmed (inert)."])
 
 # ---- Qwen2.5 (September 2024) -----------------------------------------------------------------------------
-_Q25_DIMS = "Dimensions, vocab, norm eps and base context agree with [LG]. "
-PRESETS["Qwen2.5-0.5B"] = _with(
+_MP = "citsjtu2020/LLM-Prof, sglang/Model_Config.md"
+PRESETS["Qwen2.5-0.5B"] = _preset(
     _dense(896, 24, 14, 2, 4864, 151936, True, context=32768, transformers_version="4.40.1", use_mrope=False),
-    _Q25_DIMS + "Verbatim [PC] copy of Qwen/Qwen2.5-0.5B config.json (with use_mrope false).",
+    "verbatim copy of its config.json in public code; litgpt agrees",
+    [f"config.json of Qwen/Qwen2.5-0.5B ({_hub('Qwen2.5-0.5B')}), copied verbatim under the heading "
+     "'Qwen/Qwen2.5-0.5B, model config' in a Markdown file in public code (its repository was not recorded). "
+     "osllmai-community/Qwen2.5-0.5B on the Hub, saved again from it, agrees.",
+     _litgpt("Qwen2.5-0.5B")],
     {"total": "0.49B", "non_embedding": "0.36B",
-     "source": "[MC]; the 0.5B-Instruct model.safetensors is 988,097,824 bytes including its JSON header [PC], "
-               "consistent with 494,032,768 bf16 parameters and a 32 KB header"})
-PRESETS["Qwen2.5-1.5B"] = _with(
+     "source": _card("Qwen2.5-0.5B") + "; the model.safetensors of Qwen/Qwen2.5-0.5B-Instruct is 988,097,824 "
+               "bytes with its JSON header (a copy in public code), consistent with 494,032,768 bf16 parameters"})
+PRESETS["Qwen2.5-1.5B"] = _preset(
     _dense(1536, 28, 12, 2, 8960, 151936, True, context=131072),
-    _Q25_DIMS + "max_position_embeddings 131072 from [LG] block_size. max_window_layers / sliding_window are "
-    "not confirmed by a copy (inert); the official file may also carry use_mrope false and "
-    "transformers_version 4.40.1 like its 0.5B/3B/7B siblings.",
-    {"total": "1.54B", "non_embedding": "1.31B", "source": "[MC]"})
-PRESETS["Qwen2.5-3B"] = _with(
+    "litgpt's table of the model; no copy of the file itself",
+    [_litgpt("Qwen2.5-1.5B") + " max_position_embeddings 131072 is litgpt's block_size.",
+     f"No copy of {_hub('Qwen2.5-1.5B')} was found: max_window_layers and sliding_window are unconfirmed "
+     "(inert), and the file may also carry use_mrope false and transformers_version 4.40.1 like its "
+     "0.5B/3B/7B siblings."],
+    {"total": "1.54B", "non_embedding": "1.31B", "source": _card("Qwen2.5-1.5B")})
+PRESETS["Qwen2.5-3B"] = _preset(
     _dense(2048, 36, 16, 2, 11008, 151936, True, context=32768, transformers_version="4.40.1", use_mrope=False),
-    _Q25_DIMS + "Verbatim copy in [MP].",
+    "verbatim copy of its config.json in citsjtu2020/LLM-Prof",
+    [f"config.json of Qwen/Qwen2.5-3B ({_hub('Qwen2.5-3B')}), copied verbatim in {_MP}.",
+     _litgpt("Qwen2.5-3B")],
     {"total": "3.09B", "non_embedding": "2.77B", "exact_total": 3085938688,
-     "source": "[MC]; exact_total: safetensors index of Qwen/Qwen2.5-3B-Instruct, total_size 6171877376 bytes [PC]"})
-PRESETS["Qwen2.5-7B"] = _with(
+     "source": _card("Qwen2.5-3B") + "; exact_total: the safetensors index of Qwen/Qwen2.5-3B-Instruct, "
+               "total_size 6171877376 bytes, as copied in public code"})
+PRESETS["Qwen2.5-7B"] = _preset(
     _dense(3584, 28, 28, 4, 18944, 152064, False, context=131072, transformers_version="4.40.1", use_mrope=False),
-    _Q25_DIMS + "Verbatim copy in [MP].",
+    "verbatim copy of its config.json in citsjtu2020/LLM-Prof",
+    [f"config.json of Qwen/Qwen2.5-7B ({_hub('Qwen2.5-7B')}), copied verbatim in {_MP}.",
+     _litgpt("Qwen2.5-7B")],
     {"total": "7.61B", "non_embedding": "6.53B", "exact_total": 7615616512,
-     "source": "[MC] (7.61B: the card truncates 7.6156B); exact_total: safetensors index of "
-               "Qwen/Qwen2.5-7B-Instruct, total_size 15231233024 bytes [PC]"})
-PRESETS["Qwen2.5-14B"] = _with(
+     "source": _card("Qwen2.5-7B") + " (7.61B: the card truncates 7.6156B); exact_total: the safetensors "
+               "index of Qwen/Qwen2.5-7B-Instruct, total_size 15231233024 bytes, as copied in public code"})
+PRESETS["Qwen2.5-14B"] = _preset(
     _dense(5120, 48, 40, 8, 13824, 152064, False, context=131072, eps=1e-5, transformers_version="4.43.1"),
-    _Q25_DIMS + "Verbatim copy in [MP].",
+    "verbatim copy of its config.json in citsjtu2020/LLM-Prof",
+    [f"config.json of Qwen/Qwen2.5-14B ({_hub('Qwen2.5-14B')}), copied verbatim in {_MP}.",
+     _litgpt("Qwen2.5-14B")],
     {"total": "14.7B", "exact_total": 14770033664,
-     "source": "[MC] total; exact_total: safetensors total_size 29540067328 bytes, 579 tensors [PC]. The card's "
-               "13.1B non-embedding is contradicted by the weights (13.21B)."})
-PRESETS["Qwen2.5-32B"] = _with(
+     "source": _card("Qwen2.5-14B") + " (total); exact_total: safetensors total_size 29540067328 bytes, 579 "
+               "tensors, as copied in public code. The card's 13.1B non-embedding is contradicted by the weights "
+               "(13.21B)."})
+PRESETS["Qwen2.5-32B"] = _preset(
     _dense(5120, 64, 40, 8, 27648, 152064, False, context=131072, eps=1e-5, transformers_version="4.43.1"),
-    _Q25_DIMS + "Verbatim copy in [MP].",
+    "verbatim copy of its config.json in citsjtu2020/LLM-Prof",
+    [f"config.json of Qwen/Qwen2.5-32B ({_hub('Qwen2.5-32B')}), copied verbatim in {_MP}.",
+     _litgpt("Qwen2.5-32B")],
     {"total": "32.8B", "exact_total": 32763876352,
-     "source": "safetensors index of a Qwen/Qwen2.5-32B-Instruct snapshot, total_size 65527752704 bytes [PC]. "
-               "The card's 32.5B total / 31.0B non-embedding are contradicted by the weights (32.76B / 31.21B)."})
-PRESETS["Qwen2.5-72B"] = _with(
+     "source": "the safetensors index of a Qwen/Qwen2.5-32B-Instruct snapshot, total_size 65527752704 bytes, as "
+               "copied in public code. " + _card("Qwen2.5-32B")[0].upper() + _card("Qwen2.5-32B")[1:] +
+               " says 32.5B total / 31.0B non-embedding, contradicted by the weights (32.76B / 31.21B)."})
+PRESETS["Qwen2.5-72B"] = _preset(
     _dense(8192, 80, 64, 8, 29568, 152064, False, context=131072, eps=1e-5),
-    _Q25_DIMS + "No verbatim copy found: max_window_layers 80 / sliding_window 131072 / transformers_version "
-    "are not confirmed (inert, transformers_version omitted).",
+    "litgpt's table of the model; no copy of the file itself",
+    [_litgpt("Qwen2.5-72B"),
+     f"No copy of {_hub('Qwen2.5-72B')} was found: max_window_layers 80 and sliding_window 131072 are "
+     "unconfirmed (inert); transformers_version is left out."],
     {"total": "72.7B", "exact_total": 72706203648,
-     "source": "[MC] total; exact_total: safetensors index of Qwen/Qwen2.5-72B-Instruct, total_size "
-               "145412407296 bytes [PC]. The card's 70.0B non-embedding is contradicted by the weights (70.21B)."})
+     "source": _card("Qwen2.5-72B") + " (total); exact_total: the safetensors index of Qwen/Qwen2.5-72B-Instruct, "
+               "total_size 145412407296 bytes, as copied in public code. The card's 70.0B non-embedding is "
+               "contradicted by the weights (70.21B)."})
 
-_Q25_INSTRUCT = "Instruct: eos_token_id 151645, max_position_embeddings 32768, transformers_version 4.43.1. "
-PRESETS["Qwen2.5-0.5B-Instruct"] = _instruct(
-    PRESETS["Qwen2.5-0.5B"], _Q25_INSTRUCT + "[PC] verbatim copies (a duplicated Qwen/Qwen2.5-0.5B-Instruct "
-    "config.json, a training log): max_window_layers 21, sliding_window 32768, no use_mrope.",
-    PRESETS["Qwen2.5-0.5B"]["_published"], max_window_layers=21, transformers_version="4.43.1", use_mrope=None)
-PRESETS["Qwen2.5-1.5B-Instruct"] = _instruct(
-    PRESETS["Qwen2.5-1.5B"], _Q25_INSTRUCT + "[PC] verbatim copies (a C++ test fixture mirroring the pinned "
-    "checkpoint, a transformers log of Qwen/Qwen2.5-1.5B-Instruct/config.json): max_window_layers 21, "
-    "sliding_window 32768.",
-    PRESETS["Qwen2.5-1.5B"]["_published"], max_position_embeddings=32768, sliding_window=32768,
-    max_window_layers=21, transformers_version="4.43.1")
-PRESETS["Qwen2.5-3B-Instruct"] = _instruct(
-    PRESETS["Qwen2.5-3B"], _Q25_INSTRUCT + "[PC] verbatim copy (a test's 'Qwen/Qwen2.5-3B-Instruct published "
-    "config.json fields'): max_window_layers 70, sliding_window 32768, no use_mrope.",
-    PRESETS["Qwen2.5-3B"]["_published"], max_window_layers=70, transformers_version="4.43.1", use_mrope=None)
-PRESETS["Qwen2.5-7B-Instruct"] = _instruct(
-    PRESETS["Qwen2.5-7B"], _Q25_INSTRUCT + "rms_norm_eps 1e-06 and the dimensions are those of the base file; "
-    "max_window_layers 28 / sliding_window 131072 kept from the base: not confirmed by a copy (inert).",
-    PRESETS["Qwen2.5-7B"]["_published"], max_position_embeddings=32768, transformers_version="4.43.1",
-    use_mrope=None)
-PRESETS["Qwen2.5-14B-Instruct"] = _instruct(
-    PRESETS["Qwen2.5-14B"], _Q25_INSTRUCT + "rms_norm_eps 1e-06 and max_window_layers 70 by analogy with the "
-    "32B/72B-Instruct copies: not seen in a copy of this file (uncertain; eps changes numerics, not shapes).",
-    PRESETS["Qwen2.5-14B"]["_published"], max_position_embeddings=32768, rms_norm_eps=1e-06,
-    max_window_layers=70)
-PRESETS["Qwen2.5-32B-Instruct"] = _instruct(
-    PRESETS["Qwen2.5-32B"], _Q25_INSTRUCT + "[PC] verbatim copy quoted in a GitHub issue: rms_norm_eps 1e-06, "
-    "max_window_layers 70, sliding_window 131072.",
-    PRESETS["Qwen2.5-32B"]["_published"], max_position_embeddings=32768, rms_norm_eps=1e-06,
-    max_window_layers=70)
-PRESETS["Qwen2.5-72B-Instruct"] = _instruct(
-    PRESETS["Qwen2.5-72B"], _Q25_INSTRUCT + "[PC] copies (a quantization guide's config, the AWQ repo's "
-    "config): rms_norm_eps 1e-06, max_window_layers 70, sliding_window 131072.",
-    PRESETS["Qwen2.5-72B"]["_published"], max_position_embeddings=32768, rms_norm_eps=1e-06,
-    max_window_layers=70, transformers_version="4.43.1")
-
-for _d in PRESETS.values():  # `use_mrope=None` above means: this file has no use_mrope key
-    if "use_mrope" in _d and _d["use_mrope"] is None:
-        del _d["use_mrope"]
-del _d
-
+_Q25_INSTRUCT = ("The Instruct files differ from the base files in eos_token_id 151645, max_position_embeddings "
+                 "32768 and transformers_version 4.43.1.")
+_add_instruct(
+    "Qwen2.5-0.5B", dict(max_window_layers=21, transformers_version="4.43.1", use_mrope=None),
+    "verbatim copies of its config.json in public code",
+    [f"config.json of Qwen/Qwen2.5-0.5B-Instruct ({_hub('Qwen2.5-0.5B-Instruct')}) in verbatim copies in public "
+     "code, a duplicated config.json and a training log (their repositories were not recorded): "
+     "max_window_layers 21, sliding_window 32768, no use_mrope.", _Q25_INSTRUCT])
+_add_instruct(
+    "Qwen2.5-1.5B",
+    dict(max_position_embeddings=32768, sliding_window=32768, max_window_layers=21, transformers_version="4.43.1"),
+    "verbatim copies of its config.json in public code",
+    [f"config.json of Qwen/Qwen2.5-1.5B-Instruct ({_hub('Qwen2.5-1.5B-Instruct')}) in verbatim copies in public "
+     "code, a C++ test fixture of the pinned checkpoint and a transformers log of the file (their repositories "
+     "were not recorded): max_window_layers 21, sliding_window 32768.", _Q25_INSTRUCT])
+_add_instruct(
+    "Qwen2.5-3B", dict(max_window_layers=70, transformers_version="4.43.1", use_mrope=None),
+    "verbatim copy of its config.json in a test in public code",
+    [f"config.json of Qwen/Qwen2.5-3B-Instruct ({_hub('Qwen2.5-3B-Instruct')}), quoted as its 'published "
+     "config.json fields' by a test in public code (its repository was not recorded): max_window_layers 70, "
+     "sliding_window 32768, no use_mrope.", _Q25_INSTRUCT])
+_add_instruct(
+    "Qwen2.5-7B", dict(max_position_embeddings=32768, transformers_version="4.43.1", use_mrope=None),
+    "the base file with the Instruct changes; inert fields not confirmed",
+    [f"The official file is {_hub('Qwen2.5-7B-Instruct')}; no verbatim copy was found. rms_norm_eps 1e-06 and "
+     "the dimensions are those of the base file; max_window_layers 28 and sliding_window 131072 are kept from "
+     "it, unconfirmed (inert).", _Q25_INSTRUCT])
+_add_instruct(
+    "Qwen2.5-14B", dict(max_position_embeddings=32768, rms_norm_eps=1e-06, max_window_layers=70),
+    "verbatim duplicate of its repository on the Hugging Face Hub",
+    [f"config.json of Qwen/Qwen2.5-14B-Instruct ({_hub('Qwen2.5-14B-Instruct')}), duplicated verbatim in "
+     "jebish7/Qwen2.5-14B-Instruct on the Hub ('Duplicate from Qwen/Qwen2.5-14B-Instruct'): rms_norm_eps "
+     "1e-06, max_window_layers 70, sliding_window 131072, transformers_version 4.43.1.", _Q25_INSTRUCT])
+_add_instruct(
+    "Qwen2.5-32B", dict(max_position_embeddings=32768, rms_norm_eps=1e-06, max_window_layers=70),
+    "verbatim copy of its config.json quoted in a bug report on GitHub",
+    [f"config.json of Qwen/Qwen2.5-32B-Instruct ({_hub('Qwen2.5-32B-Instruct')}), quoted verbatim in a bug "
+     "report on GitHub (its repository was not recorded): rms_norm_eps 1e-06, max_window_layers 70, "
+     "sliding_window 131072.", _Q25_INSTRUCT])
+_add_instruct(
+    "Qwen2.5-72B",
+    dict(max_position_embeddings=32768, rms_norm_eps=1e-06, max_window_layers=70, transformers_version="4.43.1"),
+    "copies of its config.json in a guide and in the AWQ repository",
+    [f"config.json of Qwen/Qwen2.5-72B-Instruct ({_hub('Qwen2.5-72B-Instruct')}) in copies in public code, a "
+     "quantization guide's config and the config of the AWQ repository (not recorded further): rms_norm_eps "
+     "1e-06, max_window_layers 70, sliding_window 131072.", _Q25_INSTRUCT])
 
 # ---- lookup -----------------------------------------------------------------------------------------------
 
@@ -279,8 +354,3 @@ def resolve_preset_name(name: str) -> str:
 def get_preset(name: str) -> dict:
     """A copy of the config.json dict of preset `name`, with its `_provenance` and `_published` keys."""
     return copy.deepcopy(PRESETS[resolve_preset_name(name)])
-
-
-def config_json(d: dict) -> dict:
-    """`d` without the keys presets add (`_provenance`, `_published`): the config.json itself."""
-    return {k: v for k, v in d.items() if k not in META_KEYS}

@@ -9,19 +9,22 @@ and against the parameters of a model actually built — ours on the meta device
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from qwen2_pure import cli
 from qwen2_pure.errors import Qwen2PureError
-from qwen2_pure.inspect import (inspect_config, load_source, meta_model, module_tree, plot_reports,
-                                published_checks)
-from qwen2_pure.presets import PRESETS, config_json, get_preset, list_presets, resolve_preset_name
+from qwen2_pure.inspect import (format_preset_list, format_report, inspect_config, load_source, meta_model,
+                                module_tree, plot_reports, published_checks)
+from qwen2_pure.presets import (PRESETS, PROVENANCE_WIDTH, config_json, get_preset, list_presets,
+                                resolve_preset_name)
 
 B = 1e9
 
-# Issue 6's published sizes (billions): total, and active for the MoE.
+# Total sizes in billions, as the Qwen2 blog table and the Qwen2.5 model cards round them (Qwen2-7B: 7.62, the
+# weights' own count; the blog's 7.07 is contradicted by the weights).
 QWEN2_TOTALS = {"Qwen2-0.5B": "0.49", "Qwen2-1.5B": "1.54", "Qwen2-7B": "7.62", "Qwen2-72B": "72.7",
                 "Qwen2-57B-A14B": "57.4"}
 QWEN25_TOTALS = {"Qwen2.5-0.5B": "0.49", "Qwen2.5-1.5B": "1.54", "Qwen2.5-3B": "3.09", "Qwen2.5-7B": "7.62",
@@ -52,7 +55,7 @@ def test_qwen2_published_totals(reports, name):
     for variant in (name, name + "-Instruct"):
         r = reports[variant]
         assert within_last_digit(r["total_params"], QWEN2_TOTALS[name]), (variant, r["total_params"])
-        # issue 6 quotes these rounded, so they must also round to the figure
+        # the figures are rounded, so the count must also round to them
         assert round(r["total_params"] / B, len(QWEN2_TOTALS[name].split(".")[1])) == float(QWEN2_TOTALS[name])
 
 
@@ -239,7 +242,49 @@ def test_preset_names():
         assert f"Qwen2.5-{size}" in names and f"Qwen2.5-{size}-Instruct" in names
     assert "Qwen1.5-7B" in names and len(names) == 25
     for name in names:
-        assert get_preset(name)["_provenance"]
+        assert get_preset(name)["_provenance"] and get_preset(name)["_sources"]
+
+
+# internal shorthand that must not reach a user: bracket tags such as [R] or [PC], section signs, issue numbers
+INTERNAL = re.compile(r"\[[A-Z][A-Z0-9]{0,3}\]|§|\bissues?\b|\bseed\b", re.IGNORECASE)
+
+
+def _provenance_texts(preset: dict) -> list[str]:
+    return [preset["_provenance"], *preset["_sources"], preset["_published"]["source"]]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_provenance_speaks_to_a_reader(name):
+    preset = PRESETS[name]
+    for text in _provenance_texts(preset):
+        assert not INTERNAL.search(text), (name, INTERNAL.search(text).group(), text)
+    assert len(preset["_provenance"]) <= PROVENANCE_WIDTH and "\n" not in preset["_provenance"]
+    # the sources name a place a reader can go to: a web address, a paper, or a repository and its file
+    assert any(re.search(r"https://|arXiv:|\w[\w.-]*/[\w.-]+", s) for s in preset["_sources"]), name
+
+
+def _same_words(printed: str, text: str) -> bool:
+    """`text` appears in `printed` with only the whitespace between its words changed (wrapped, never cut)."""
+    return " ".join(text.split()) in " ".join(printed.split())
+
+
+def test_report_prints_the_sources_whole():
+    for name in PRESETS:
+        out = format_report(inspect_config(name, check_model=False))
+        for text in _provenance_texts(PRESETS[name]):
+            assert _same_words(out, text), (name, text)
+        assert not INTERNAL.search(out), (name, INTERNAL.search(out).group())
+
+
+def test_preset_list_wraps_between_words():
+    out = format_preset_list()
+    lines = out.splitlines()
+    starts = [line for line in lines if not line.startswith(" ")]
+    assert [line.split()[0] for line in starts] == list(PRESETS)  # one row a preset, the name alone in its column
+    assert all(len(line) <= 110 for line in lines)
+    for name, preset in PRESETS.items():
+        assert _same_words(out, preset["_provenance"]), name
+    assert not INTERNAL.search(out)
 
 
 @pytest.mark.parametrize("spelling", ["Qwen2-7B", "qwen2-7b", "Qwen/Qwen2-7B", "qwen/QWEN2-7B", " Qwen2-7B "])
@@ -386,4 +431,7 @@ def test_cli_errors(capsys, argv, message):
 
 def test_cli_list(capsys):
     code, out, _ = run_cli(capsys, "--list")
-    assert code == 0 and len(out.splitlines()) == 25 and "Qwen2.5-72B-Instruct" in out
+    assert code == 0 and "Qwen2.5-72B-Instruct" in out
+    assert not INTERNAL.search(out)
+    for name, preset in PRESETS.items():  # every provenance whole: no line ends in a cut word
+        assert name in out and _same_words(out, preset["_provenance"]), name
