@@ -1,4 +1,5 @@
-"""Built-in `config.json` files of the official Qwen2 and Qwen2.5 checkpoints (and Qwen1.5-7B), for `inspect`.
+"""Built-in `config.json` files of the official Qwen2, Qwen2.5, Qwen2.5-Coder and Qwen2.5-Math checkpoints (and
+Qwen1.5-7B), for `inspect`.
 
 Each preset is the config.json of the official Hugging Face repository of that name
 (https://huggingface.co/Qwen/<name>), as a dict, plus three keys of our own that no config.json has:
@@ -316,6 +317,203 @@ _add_instruct(
     [f"config.json of Qwen/Qwen2.5-72B-Instruct ({_hub('Qwen2.5-72B-Instruct')}) in copies in public code, a "
      "quantization guide's config and the config of the AWQ repository (not recorded further): rms_norm_eps "
      "1e-06, max_window_layers 70, sliding_window 131072.", _Q25_INSTRUCT])
+
+# ---- Qwen2.5-Coder (September / November 2024) ------------------------------------------------------------
+_CODER_TABLE = ("The size table of the Qwen2.5-Coder family blog (https://qwenlm.github.io/blog/qwen2.5-coder-"
+                "family/), quoted in jazzwang/snippet, md/genai/llm/qwen.md, gives {} layers, {} query / {} KV heads "
+                "and {} embeddings.")
+_CODER_LONG = (" Its context column says 128K: that is the YaRN-extended context of the model card; config.json "
+               "itself says 32768.")
+_CODER_SIZES = "the size table of the Qwen2.5-Coder family blog (total / non-embedding)"
+
+
+def _mlx_copy(name: str, repo: str, fields: str) -> str:
+    """The source sentence for a config.json kept by an mlx-community conversion of Qwen/`name`."""
+    return (f"config.json of Qwen/{name} ({_hub(name)}) as kept by mlx-community/{repo} on the Hugging Face Hub, "
+            f"an mlx-lm conversion (mlx-lm keeps every field of config.json and adds only its quantization keys): "
+            f"{fields}.")
+
+
+
+_SAVED_AGAIN = ("Saving again wrote sliding_window as null and its own transformers_version: sliding_window {} "
+                "is unconfirmed (inert) and transformers_version is left out.")
+
+
+def _resaved(name: str, where: str, fields: str, window) -> str:
+    """The source sentence for a config.json of Qwen/`name` that transformers saved again in `where`."""
+    return f"config.json of Qwen/{name} ({_hub(name)}) as saved again in {where} on the Hub: {fields}. " + \
+        _SAVED_AGAIN.format(window)
+
+
+PRESETS["Qwen2.5-Coder-0.5B"] = _preset(
+    _dense(896, 24, 14, 2, 4864, 151936, True, context=32768),
+    "litgpt's table, Qwen's size table and a model built on it on the Hub",
+    [_litgpt("Qwen2.5-Coder-0.5B"), _CODER_TABLE.format(24, 14, 2, "tied"),
+     f"The official file is {_hub('Qwen2.5-Coder-0.5B')}. faisalmumtaz/codecompass-embed on the Hub, built on "
+     "Qwen/Qwen2.5-Coder-0.5B, keeps max_window_layers 24, max_position_embeddings 32768 and rms_norm_eps "
+     "1e-06. " + _SAVED_AGAIN.format(32768) + " use_mrope is left out (unknown)."],
+    {"total": "0.49B", "non_embedding": "0.36B",
+     "source": _CODER_SIZES + "; the Hub page of mlx-community/Qwen2.5-Coder-0.5B-bf16 counts 494M parameters"})
+_add_instruct(
+    "Qwen2.5-Coder-0.5B", dict(max_window_layers=21),
+    "its config.json as saved again in unsloth's 4-bit copy on the Hub",
+    [_resaved("Qwen2.5-Coder-0.5B-Instruct", "unsloth/Qwen2.5-Coder-0.5B-Instruct-bnb-4bit", "eos_token_id 151645, "
+              "max_window_layers 21, max_position_embeddings 32768, rms_norm_eps 1e-06, tied embeddings "
+              "(GoidaAlignment/GOIDA-0.5B, fine-tuned from it, agrees)", 32768),
+     _litgpt("Qwen2.5-Coder-0.5B-Instruct")])
+PRESETS["Qwen2.5-Coder-1.5B"] = _preset(
+    _dense(1536, 28, 12, 2, 8960, 151936, True, context=32768, max_window_layers=21),
+    "litgpt's table, Qwen's size table and a model saved from it on the Hub",
+    [_litgpt("Qwen2.5-Coder-1.5B"), _CODER_TABLE.format(28, 12, 2, "tied"),
+     f"The official file is {_hub('Qwen2.5-Coder-1.5B')}. tmickleydoyle/Question-To-Code on the Hub, "
+     "fine-tuned from unsloth/qwen2.5-coder-1.5b-bnb-4bit (a copy of Qwen/Qwen2.5-Coder-1.5B), keeps "
+     "max_window_layers 21, max_position_embeddings 32768 and rms_norm_eps 1e-06. " + _SAVED_AGAIN.format(32768)
+     + " use_mrope is left out (unknown).",
+     "The model card as first published (" + _card("Qwen2.5-Coder-1.5B") + ") says 'Full 131,072 tokens'; "
+     "litgpt, the family blog (32K) and the copies say 32768, which is used."],
+    {"total": "1.54B", "non_embedding": "1.31B",
+     "source": _CODER_SIZES + " and " + _card("Qwen2.5-Coder-1.5B")})
+_add_instruct(
+    "Qwen2.5-Coder-1.5B", {},
+    "a modified copy on the Hub and litgpt's table; eos_token_id not confirmed",
+    [f"The official file is {_hub('Qwen2.5-Coder-1.5B-Instruct')}; no verbatim copy was found. "
+     "ibrahimkettaneh/Qwen2.5-Coder-1.5B-Instruct-abliterated-AWQ on the Hub, a modified Qwen/Qwen2.5-Coder-"
+     "1.5B-Instruct, keeps max_window_layers 21, max_position_embeddings 32768, rms_norm_eps 1e-06 and tied "
+     "embeddings. It shows eos_token_id 151643; 151645 (<|im_end|>), the value of every other Instruct file, "
+     "is used, unconfirmed. " + _SAVED_AGAIN.format(32768),
+     _litgpt("Qwen2.5-Coder-1.5B-Instruct")])
+PRESETS["Qwen2.5-Coder-3B"] = _preset(
+    _dense(2048, 36, 16, 2, 11008, 151936, True, context=32768, transformers_version="4.40.1", use_mrope=False),
+    "its config.json in mlx-community's conversions on the Hub",
+    [_mlx_copy("Qwen2.5-Coder-3B", "Qwen2.5-Coder-3B-4bit (and -8bit)", "max_window_layers 36, sliding_window "
+               "32768, rms_norm_eps 1e-06, use_mrope false, transformers_version 4.40.1"),
+     _litgpt("Qwen2.5-Coder-3B"), _CODER_TABLE.format(36, 16, 2, "tied")],
+    {"total": "3.09B", "non_embedding": "2.77B",
+     "source": _CODER_SIZES + "; the Hub page of mlx-community/Qwen2.5-Coder-3B-Instruct-bf16 counts 3.09B "
+               "parameters"})
+_add_instruct(
+    "Qwen2.5-Coder-3B", dict(max_window_layers=70, transformers_version=None, use_mrope=None),
+    "its config.json as saved again in onnx-community's conversion",
+    [_resaved("Qwen2.5-Coder-3B-Instruct", "onnx-community/Qwen2.5-Coder-3B-Instruct (and LemOneLabs/Qwen2.5-"
+              "Coder-3B-Instruct, the same file)", "eos_token_id 151645, max_window_layers 70, "
+              "max_position_embeddings 32768, rms_norm_eps 1e-06, no use_mrope", 32768),
+     _litgpt("Qwen2.5-Coder-3B-Instruct")])
+PRESETS["Qwen2.5-Coder-7B"] = _preset(
+    _dense(3584, 28, 28, 4, 18944, 152064, False, context=32768, window=131072),
+    "litgpt's table, Qwen's size table and a model saved from it on the Hub",
+    [_litgpt("Qwen2.5-Coder-7B"), _CODER_TABLE.format(28, 28, 4, "untied") + _CODER_LONG,
+     f"The official file is {_hub('Qwen2.5-Coder-7B')}. ashikshaffi08/fim-coder-v2 on the Hub "
+     "(_name_or_path Qwen/Qwen2.5-Coder-7B) keeps max_position_embeddings 32768, max_window_layers 28 and "
+     "rms_norm_eps 1e-06. " + _SAVED_AGAIN.format("131072 (the Instruct file's)") +
+     " use_mrope is left out (unknown)."],
+    {"total": "7.61B", "non_embedding": "6.53B",
+     "source": _CODER_SIZES + " and " + _card("Qwen2.5-Coder-7B") + " (7.61B: 7.6156B truncated)"})
+_add_instruct(
+    "Qwen2.5-Coder-7B", dict(transformers_version="4.44.0"),
+    "its config.json commits on the Hub and copies saved from it",
+    ["The commit 'update README & config.json' of Qwen/Qwen2.5-Coder-7B-Instruct on the Hub "
+     "(https://huggingface.co/Qwen/Qwen2.5-Coder-7B-Instruct/commit/d619c0c9d73c20b76470c9bd29f5c435c2f6669d) "
+     "shows max_position_embeddings 32768, max_window_layers 28, transformers_version 4.44.0 and vocab_size "
+     "152064 (it removed a YaRN rope_scaling block). The later commit 014013f ('Update config.json', "
+     "9 November 2024) was not seen.",
+     "CodeDPO/qwen2.5-7b-coder-instruct-deepcoder-100steps on the Hub, saved from a download of the current "
+     "file, shows eos_token_id 151645, sliding_window 131072 and rms_norm_eps 1e-06. "
+     "XGenerationLab/XiYanSQL-QwenCoder-7B-2502, saved from an earlier download, shows eos_token_id 151643: "
+     "the November commit probably changed it.",
+     _litgpt("Qwen2.5-Coder-7B-Instruct")])
+PRESETS["Qwen2.5-Coder-14B"] = _preset(
+    _dense(5120, 48, 40, 8, 13824, 152064, False, context=32768, eps=1e-5, window=131072,
+           transformers_version="4.43.1"),
+    "its config.json in mlx-community's 4-bit conversion on the Hub",
+    [_mlx_copy("Qwen2.5-Coder-14B", "Qwen2.5-Coder-14B-4bit", "max_position_embeddings 32768, max_window_layers "
+               "48, rms_norm_eps 1e-05, sliding_window 131072, transformers_version 4.43.1"),
+     "unsloth/Qwen2.5-Coder-14B on the Hub, saved again from it, agrees.",
+     _litgpt("Qwen2.5-Coder-14B"), _CODER_TABLE.format(48, 40, 8, "untied") + _CODER_LONG],
+    {"total": "14.7B",
+     "source": _CODER_SIZES + " (total). Its 13.1B non-embedding is contradicted by the weights (13.21B)."})
+_add_instruct(
+    "Qwen2.5-Coder-14B", dict(rms_norm_eps=1e-06, transformers_version=None),
+    "its config.json as saved again in RedHatAI's FP8 conversion",
+    [_resaved("Qwen2.5-Coder-14B-Instruct", "RedHatAI/Qwen2.5-Coder-14B-Instruct-FP8-dynamic", "eos_token_id "
+              "151645, max_position_embeddings 32768, max_window_layers 48 (a model saved from unsloth's 4-bit "
+              "copy shows 70, inert either way)", "131072 (the base file's)"),
+     "MeowFET/Qwen2.5-PP-14B-Instruct on the Hub, fine-tuned from it, shows rms_norm_eps 1e-06.",
+     _litgpt("Qwen2.5-Coder-14B-Instruct", instruct_eps=True)])
+PRESETS["Qwen2.5-Coder-32B"] = _preset(
+    _dense(5120, 64, 40, 8, 27648, 152064, False, context=32768, eps=1e-5, window=131072,
+           transformers_version="4.43.1"),
+    "its config.json in mlx-community's 4-bit conversion on the Hub",
+    [_mlx_copy("Qwen2.5-Coder-32B", "Qwen2.5-Coder-32B-4bit (its branch refs/pr/1)", "max_position_embeddings "
+               "32768, max_window_layers 64, rms_norm_eps 1e-05, sliding_window 131072, transformers_version 4.43.1"),
+     _litgpt("Qwen2.5-Coder-32B"), _CODER_TABLE.format(64, 40, 8, "untied") + _CODER_LONG],
+    {"total": "32.8B",
+     "source": "the Hub page of mlx-community/Qwen2.5-Coder-32B-bf16, a bf16 conversion, counts 32.8B parameters. "
+               "The family blog's 32.5B total / 31.0B non-embedding are contradicted by the weights "
+               "(32.76B / 31.21B)."})
+_add_instruct(
+    "Qwen2.5-Coder-32B", dict(rms_norm_eps=1e-06),
+    "verbatim copy of its config.json in a commit of a Hub repository",
+    [f"config.json of Qwen/Qwen2.5-Coder-32B-Instruct ({_hub('Qwen2.5-Coder-32B-Instruct')}), copied verbatim "
+     "by the commit 'Add config.json from Qwen/Qwen2.5-Coder-32B-Instruct' of ai-team-20/qwen3-coder-480b-3 on "
+     "the Hub (https://huggingface.co/ai-team-20/qwen3-coder-480b-3/commit/6e6b0cb69a58fc511a4dbfe5ac908e26dbd2"
+     "7580): eos_token_id 151645, rms_norm_eps 1e-06, max_window_layers 64, sliding_window 131072, "
+     "transformers_version 4.43.1.", _litgpt("Qwen2.5-Coder-32B-Instruct", instruct_eps=True)])
+
+# ---- Qwen2.5-Math (September 2024): 4K context, rope_theta 10000 ------------------------------------------
+_MATH_SIZES = ("The Qwen2.5-Math model cards state no parameter count. Qwen2.5-Math is trained from the Qwen2.5 "
+               "base models (Qwen2.5-Math Technical Report, arXiv:2409.12122) and this file has the tensor shapes "
+               "of Qwen2.5-{0}, whose figures are those of " + _card("Qwen2.5-{0}"))
+PRESETS["Qwen2.5-Math-1.5B"] = _preset(
+    _dense(1536, 28, 12, 2, 8960, 151936, True, context=4096, max_window_layers=21, rope_theta=10000,
+           transformers_version="4.44.0", use_mrope=False),
+    "its config.json in mlx-community's bf16 conversion on the Hub",
+    [_mlx_copy("Qwen2.5-Math-1.5B", "Qwen2.5-Math-1.5B-bf16 (https://huggingface.co/mlx-community/Qwen2.5-Math-"
+               "1.5B-bf16/blob/c4eab3af176f2821f3e0f8c16aa73f9bd1e6043c/config.json)", "max_position_embeddings "
+               "4096, rope_theta 10000, sliding_window 4096, max_window_layers 21, use_mrope false, "
+               "transformers_version 4.44.0") + " The model card of waleko/Qwen2.5-Math-1.5B-RoPE-300k lists the same "
+     "base values.", _litgpt("Qwen2.5-Math-1.5B")],
+    {"total": "1.54B", "non_embedding": "1.31B", "source": _MATH_SIZES.format("1.5B")})
+_add_instruct(
+    "Qwen2.5-Math-1.5B", dict(rope_theta=10000.0, transformers_version=None, use_mrope=None),
+    "models fine-tuned from it on the Hub; litgpt agrees",
+    [f"The official file is {_hub('Qwen2.5-Math-1.5B-Instruct')}. Models fine-tuned from it on the Hub, "
+     "plaguss/Qwen2.5-Math-1.5B-Instruct-PRM-0.1 and Geralt-Targaryen/QwQ-Math-1.5B-Persona, keep "
+     "eos_token_id 151645, max_position_embeddings 4096, rope_theta 10000.0, max_window_layers 21, "
+     "sliding_window 4096 and tied embeddings, and have no use_mrope. transformers_version is left out.",
+     _litgpt("Qwen2.5-Math-1.5B-Instruct")])
+PRESETS["Qwen2.5-Math-7B"] = _preset(
+    _dense(3584, 28, 28, 4, 18944, 152064, False, context=4096, rope_theta=10000, use_mrope=False),
+    "copies saved from it on the Hub; litgpt agrees",
+    [f"config.json of Qwen/Qwen2.5-Math-7B ({_hub('Qwen2.5-Math-7B')}) as saved again in unsloth/Qwen2.5-Math-7B,"
+     " TIGER-Lab/Qwen2.5-Math-7B-CFT and Kadins/Qwen-2.5-7B-Simple-RL on the Hub: max_position_embeddings "
+     "4096, rope_theta 10000, max_window_layers 28, rms_norm_eps 1e-06, use_mrope false; the last keeps "
+     "sliding_window 4096. transformers_version is left out (each copy shows the version that saved it).",
+     _litgpt("Qwen2.5-Math-7B")],
+    {"total": "7.61B", "non_embedding": "6.53B",
+     "source": _MATH_SIZES.format("7B") + " (its model card names Qwen/Qwen2.5-7B as base_model)"})
+_add_instruct(
+    "Qwen2.5-Math-7B", dict(rope_theta=10000.0, use_mrope=None),
+    "copies saved from it on the Hub; litgpt agrees",
+    [_resaved("Qwen2.5-Math-7B-Instruct", "BitStarWalkin/SuperCorrect-7B and PRIME-RL/EurusPRM-Stage1",
+              "eos_token_id 151645, max_position_embeddings 4096, rope_theta 10000.0, max_window_layers 28, "
+              "rms_norm_eps 1e-06, no use_mrope", 4096), _litgpt("Qwen2.5-Math-7B-Instruct")])
+PRESETS["Qwen2.5-Math-72B"] = _preset(
+    _dense(8192, 80, 64, 8, 29568, 152064, False, context=4096, eps=1e-5, rope_theta=10000),
+    "litgpt's table of the model; no copy of the file itself",
+    [_litgpt("Qwen2.5-Math-72B") + " rms_norm_eps 1e-05 is litgpt's only (the Qwen2.5-72B base file has "
+     "1e-05 too).",
+     f"No copy of {_hub('Qwen2.5-Math-72B')} was found: max_window_layers 80 and sliding_window 4096 (inert) "
+     "and the token ids 151643 are unconfirmed; transformers_version and use_mrope are left out."],
+    {"total": "72.7B",
+     "source": _MATH_SIZES.format("72B") + "; the Hub page of neuralmagic-ent/Qwen2.5-Math-72B-Instruct-FP8-"
+               "dynamic also counts 72.7B parameters"})
+_add_instruct(
+    "Qwen2.5-Math-72B", dict(rms_norm_eps=1e-06, max_window_layers=70, rope_theta=10000.0),
+    "its config.json as saved again in unsloth's copy on the Hub",
+    [_resaved("Qwen2.5-Math-72B-Instruct", "unsloth/Qwen2.5-Math-72B-Instruct", "eos_token_id 151645, "
+              "max_position_embeddings 4096, rope_theta 10000.0, max_window_layers 70, rms_norm_eps 1e-06", 4096),
+     _litgpt("Qwen2.5-Math-72B-Instruct", instruct_eps=True)])
+
 
 # ---- lookup -----------------------------------------------------------------------------------------------
 

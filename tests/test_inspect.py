@@ -240,9 +240,27 @@ def test_preset_names():
         assert f"Qwen2-{size}" in names and f"Qwen2-{size}-Instruct" in names
     for size in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"):
         assert f"Qwen2.5-{size}" in names and f"Qwen2.5-{size}-Instruct" in names
-    assert "Qwen1.5-7B" in names and len(names) == 25
+    for size in ("0.5B", "1.5B", "3B", "7B", "14B", "32B"):
+        assert f"Qwen2.5-Coder-{size}" in names and f"Qwen2.5-Coder-{size}-Instruct" in names
+    for size in ("1.5B", "7B", "72B"):
+        assert f"Qwen2.5-Math-{size}" in names and f"Qwen2.5-Math-{size}-Instruct" in names
+    assert "Qwen1.5-7B" in names and len(names) == 43
     for name in names:
         assert get_preset(name)["_provenance"] and get_preset(name)["_sources"]
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if "Coder" in n or "Math" in n])
+def test_coder_and_math_presets(name):
+    """The facts Qwen's tables and every copy agree on: vocabulary and tying by size, context and RoPE base."""
+    c = config_json(get_preset(name))
+    small = any(f"-{size}" in name for size in ("0.5B", "1.5B", "3B"))
+    assert c["tie_word_embeddings"] is small
+    assert c["vocab_size"] == (151936 if small else 152064)
+    assert c["eos_token_id"] == (151645 if name.endswith("-Instruct") else 151643)
+    if "Coder" in name:
+        assert (c["max_position_embeddings"], c["rope_theta"]) == (32768, 1e6)
+    else:
+        assert (c["max_position_embeddings"], c["rope_theta"]) == (4096, 10000)
 
 
 # internal shorthand that must not reach a user: bracket tags such as [R] or [PC], section signs, issue numbers
@@ -318,7 +336,7 @@ def test_instruct_presets_differ_only_in_non_architectural_fields():
         if name.endswith("-Instruct"):
             base, inst = PRESETS[name[:-len("-Instruct")]], PRESETS[name]
             assert inst["eos_token_id"] == 151645 and base["eos_token_id"] == 151643
-            assert inst["max_position_embeddings"] == 32768
+            assert inst["max_position_embeddings"] == (4096 if "-Math-" in name else 32768)
             assert all(base.get(k) == inst.get(k) for k in shape_keys), name
 
 
@@ -431,7 +449,7 @@ def test_cli_errors(capsys, argv, message):
 
 def test_cli_list(capsys):
     code, out, _ = run_cli(capsys, "--list")
-    assert code == 0 and "Qwen2.5-72B-Instruct" in out
+    assert code == 0 and "Qwen2.5-72B-Instruct" in out and "Qwen2.5-Math-72B-Instruct" in out
     assert not INTERNAL.search(out)
     for name, preset in PRESETS.items():  # every provenance whole: no line ends in a cut word
         assert name in out and _same_words(out, preset["_provenance"]), name
