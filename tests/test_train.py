@@ -161,14 +161,18 @@ def test_a_nan_loss_stops_with_a_clear_message(base_dir, tmp_path, monkeypatch):
     assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
 
 
-def test_cli_train_runs_the_llamafactory_command_line(base_dir, tmp_path, capsys):
-    from qwen2_pure.cli import main
-    out = tmp_path / "cli"
-    argv = ["train", "--stage", "sft", "--do_train", "True", "--model_name_or_path", str(base_dir),
+def cli_argv(base_dir, out, targets="q_proj,v_proj"):
+    return ["train", "--stage", "sft", "--do_train", "True", "--model_name_or_path", str(base_dir),
             "--finetuning_type", "lora", "--template", "qwen", "--dataset_dir", str(ROOT / "data"), "--dataset",
             "qwen2_pure_demo", "--cutoff_len", "64", "--max_samples", "8", "--per_device_train_batch_size", "4",
             "--max_steps", "2", "--logging_steps", "1", "--save_steps", "2", "--output_dir", str(out),
-            "--lora_target", "q_proj,v_proj", "--report_to", "none", "--plot_loss", "True"]
+            "--lora_target", targets, "--report_to", "none", "--plot_loss", "True"]
+
+
+def test_cli_train_runs_the_llamafactory_command_line(base_dir, tmp_path, capsys):
+    from qwen2_pure.cli import main
+    out = tmp_path / "cli"
+    argv = cli_argv(base_dir, out)
     assert main(argv) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
     assert "2 steps" in capsys.readouterr().err
@@ -216,3 +220,28 @@ def test_fp16_a_skipped_step_does_not_advance_the_schedule(base_dir, tmp_path, m
     assert all(torch.equal(snapshots[2][k], v) for k, v in snapshots[1].items())  # step 2 changed nothing
     assert not all(torch.equal(snapshots[1][k], v) for k, v in snapshots[0].items())  # step 1 did
     assert t.scaler.get_scale() == 2.0 ** 15  # halved once, from 2**16
+
+
+def test_cli_train_on_a_tied_head_then_merge_and_export_keep_the_logits(base_dir, tmp_path):
+    """--lora_target q_proj,lm_head on a tie_word_embeddings model: the merged and the exported models give
+    the unmerged adapter's logits (merging unties the head instead of changing the embedding)."""
+    import qwen2_pure as q
+    from qwen2_pure.cli import main
+    from qwen2_pure.lora import merge_lora
+    out = tmp_path / "head"
+    assert main(cli_argv(base_dir, out, "q_proj,lm_head") + ["--learning_rate", "1e-2", "--plot_loss", "False"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["lm_head", "q_proj"]
+    x = torch.randint(0, 1000, (1, 12))
+    base = q.load_model(base_dir)
+    model = q.load_model(base_dir, adapter=out)
+    with torch.no_grad():
+        unmerged = model(x)
+        assert (unmerged - base(x)).abs().max() > 1e-3  # the adapter changes the model
+        merged = merge_lora(model)(x)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-4)
+    assert main(["export", "--model", str(base_dir), "--adapter", str(out), "--output", str(tmp_path / "m")]) == 0
+    exported = q.load_model(tmp_path / "m")
+    assert not exported.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), unmerged, rtol=0, atol=1e-4)
