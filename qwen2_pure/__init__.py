@@ -8,12 +8,14 @@
     print(tok.decode(new, skip_special_tokens=True))
 """
 
-from .config import Qwen2Config
+from .config import GenerationConfig, Qwen2Config
 from .errors import Qwen2PureError
 from .generation import generate, stream_generate, stream_text
-from .loading import load_model, load_tokenizer
+from .loading import Loaded, load, load_model, load_tokenizer
 from .model import Qwen2ForCausalLM
+from .sampling import SamplingParams
+from .settings import Settings
 
-__all__ = ["Qwen2Config", "Qwen2ForCausalLM", "Qwen2PureError", "generate", "load_model", "load_tokenizer",
-           "stream_generate", "stream_text"]
+__all__ = ["GenerationConfig", "Loaded", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2PureError", "SamplingParams",
+           "Settings", "generate", "load", "load_model", "load_tokenizer", "stream_generate", "stream_text"]
 __version__ = "0.1.0"

@@ -30,18 +30,14 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, static: bool = False):
-        """Store k, v (B, H_kv, T, D) at slots input_pos (T,); return keys/values of slots 0..last
-        (of every slot with `static`: shapes fixed, no read of input_pos's value)."""
-        if static:
-            self.k[layer].index_copy_(2, input_pos, k)
-            self.v[layer].index_copy_(2, input_pos, v)
-            return self.k[layer], self.v[layer]
-        kv_len = int(input_pos[-1]) + 1
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Store k, v (B, H_kv, T, D) at slots input_pos (T,); return the keys/values of slots [0, kv_len)."""
         if kv_len > self.max_len:
-            raise IndexError(f"KV cache holds {self.max_len} slots, slot {kv_len - 1} was written")
+            raise IndexError(f"KV cache holds {self.max_len} slots, {kv_len} were asked for")
         self.k[layer].index_copy_(2, input_pos, k)
         self.v[layer].index_copy_(2, input_pos, v)
+        if kv_len == self.max_len:
+            return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
     def reset(self) -> None:

@@ -255,3 +255,74 @@ class Qwen2Config:
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else [int(x) for x in (e if isinstance(e, (list, tuple)) else [e])]
+
+
+def _id_list(value, where: str, key: str) -> tuple[int, ...]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in items):
+        raise Qwen2PureError(f"{where}: {key}={value!r} must be a token id or a list of token ids")
+    return tuple(int(x) for x in items)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """generation_config.json, read once: the ids that end or pad a generation, and the sampling defaults.
+
+    The one place where "which tokens stop" and "what sampling means by default" are decided; generation,
+    the command line and the server read them from here (transformers' `GenerationConfig` plays this part).
+
+    - `eos_token_id`: the ids that end a generation, the file's `eos_token_id` (an int or a list; official
+      Qwen2.5-Instruct: [151645, 151643]), else config.json's.
+    - `pad_token_id`: the file's, else config.json's, else the first eos id (what left padding writes; no
+      position ever reads it).
+    - `sampling`: the file read as transformers' `generate()` reads it (`SamplingParams.from_generation_config`):
+      do_sample false means greedy; absent keys take transformers' defaults.
+    - `max_new_tokens`: the file's, or None.
+    - `raw`: the file's dict, for writing it back.
+    Errors name the file and the key.
+    """
+
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    sampling: Any = None  # qwen2_pure.sampling.SamplingParams
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict], config: Optional[Qwen2Config] = None,
+                  source: str = "generation_config.json") -> "GenerationConfig":
+        from .sampling import SamplingParams
+        d = dict(d or {})
+        eos = d.get("eos_token_id")
+        eos_ids = _id_list(eos, source, "eos_token_id") if eos is not None else \
+            tuple(config.eos_ids if config is not None else ())
+        pad = d.get("pad_token_id", config.pad_token_id if config is not None else None)
+        if isinstance(pad, (list, tuple)):  # some files write a list; the first one pads
+            pad = pad[0] if pad else None
+        if pad is None:
+            pad = eos_ids[0] if eos_ids else None
+        bos = d.get("bos_token_id", config.bos_token_id if config is not None else None)
+        max_new = d.get("max_new_tokens")
+        if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+            raise Qwen2PureError(f"{source}: max_new_tokens={max_new!r} must be an integer >= 1")
+        try:
+            sampling = SamplingParams.from_generation_config({k: v for k, v in d.items() if k != "max_new_tokens"})
+        except Qwen2PureError as e:
+            raise Qwen2PureError(f"{source}: {e}") from None
+        return cls(eos_token_id=eos_ids, pad_token_id=None if pad is None else int(pad),
+                   bos_token_id=None if bos is None else int(bos), max_new_tokens=max_new, sampling=sampling, raw=d)
+
+    @classmethod
+    def from_file(cls, path: str | Path, config: Optional[Qwen2Config] = None) -> "GenerationConfig":
+        """The file at `path`, or the config's ids alone when there is no such file."""
+        path = Path(path)
+        d = read_json_object(path) if path.is_file() else {}
+        return cls.from_dict(d, config, source=str(path))
+
+    def sampling_params(self, **overrides) -> Any:
+        """The file's sampling defaults with `overrides` (None values ignored; a temperature > 0 turns sampling
+        on with the file's top_k/top_p/min_p, as `SamplingParams.from_generation_config` documents)."""
+        from .sampling import SamplingParams
+        d = {k: v for k, v in self.raw.items() if k != "max_new_tokens"}
+        return SamplingParams.from_generation_config(d, **overrides)

@@ -1,11 +1,11 @@
 """Generation: prefill once, then one cached decode step per token; tokens in, tokens out.
 
 `stream_generate` is the loop, a Python generator that yields one list per step (the new token of
-each prompt, or None once that prompt has stopped); `generate` collects it. Prompts of different
-lengths are left-padded into one batch with an attention mask, so every row decodes in the same
-step; RoPE positions count real tokens only, so a row's tokens do not depend on its neighbours'
-lengths. `stream_text` sits on top for a single prompt and yields UTF-8-safe text, honouring stop
-strings. Nothing here knows about chat templates or front ends.
+each prompt, or None once that prompt has stopped); `generate` collects it. Both drive the one
+generation engine (`qwen2_pure.engine`): prompts of different lengths are left-padded into one batch
+with an attention mask, so every row decodes in the same step; RoPE positions count real tokens only, so
+a row's tokens do not depend on its neighbours' lengths. `stream_text` sits on top for a single prompt
+and yields UTF-8-safe text, honouring stop strings. Nothing here knows about chat templates or front ends.
 """
 
 from __future__ import annotations
@@ -14,30 +14,22 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .engine import Engine
+from .engine import Sequence as EngineSequence
 from .errors import Qwen2PureError
-from .sampling import PenaltyState, make_generators, process_logits, sample_next, validate_sampling
+from .sampling import SamplingParams, make_generators
 
 
 def default_stop_ids(model) -> list[int]:
     """The model's eos ids: generation_config.json's `eos_token_id` (int or list), else config.json's."""
-    eos = getattr(model, "generation_config", {}).get("eos_token_id")
-    if eos is None:
-        return model.config.eos_ids
-    return [int(x) for x in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def _pad_id(model) -> int:
-    pad = getattr(model, "generation_config", {}).get("pad_token_id", model.config.pad_token_id)
-    if pad is None:
-        pad = (default_stop_ids(model) or [0])[0]
-    return int(pad)
+    return list(model.generation_config.eos_token_id)
 
 
 def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts \
             or not all(isinstance(p, (list, tuple)) for p in prompts):
         raise Qwen2PureError("prompts must be a non-empty list of token-id lists, e.g. [[9707, 11, 1879]]")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise Qwen2PureError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     vocab, context = model.config.vocab_size, model.config.max_position_embeddings
     for i, p in enumerate(prompts):
@@ -51,6 +43,26 @@ def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int)
                                  "tokens (max_position_embeddings) less one for the answer")
 
 
+def _sequences(model, prompts, *, max_new_tokens, seed, stop_token_ids, stop=(), **sampling):
+    """The engine sequences of one `generate` call, and an engine sized for them."""
+    params = SamplingParams(**sampling).validate()
+    _check_prompts(model, prompts, max_new_tokens)
+    longest = max(len(p) for p in prompts)
+    max_new = min(max_new_tokens, model.config.max_position_embeddings - longest)  # generation ends at the context
+    generators = make_generators(seed, len(prompts)) if not params.greedy else None
+    stop_ids = default_stop_ids(model) if stop_token_ids is None else [int(t) for t in stop_token_ids]
+    seqs = [EngineSequence(prompt=list(p), params=params, max_new_tokens=max_new, stop_token_ids=stop_ids,
+                           stop=stop, generator=None if generators is None else generators[i], id=f"prompt {i}")
+            for i, p in enumerate(prompts)]
+    return seqs, longest + max_new
+
+
+def _raise_if_failed(outputs) -> None:
+    for out in outputs:
+        if out.error is not None:
+            raise Qwen2PureError(f"{out.seq.id}: {out.error}")
+
+
 @torch.inference_mode()
 def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -60,59 +72,24 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
     A prompt stops after emitting one of `stop_token_ids` (None: the model's eos ids; []: never) or
     after `max_new_tokens`; generation also ends at the model's context length. Sampling follows
-    transformers' order (repetition penalty, temperature, top-k, top-p, min-p); temperature 0 is greedy.
-    With a seed, each prompt draws from its own generator, so results are reproducible and a prompt's
-    tokens do not depend on the other prompts of the batch.
+    transformers' order (repetition penalty, temperature, top-k, top-p, min-p); temperature 0 (or below
+    1e-5, vLLM's rule) is greedy. With a seed, each prompt draws from its own generator, so results are
+    reproducible and a prompt's tokens do not depend on the other prompts of the batch.
+    Raises `Qwen2PureError` naming the argument at fault, or the prompt whose generation failed.
     """
-    validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                      frequency_penalty=frequency_penalty)
-    _check_prompts(model, prompts, max_new_tokens)
-    stop = set(default_stop_ids(model) if stop_token_ids is None else (int(t) for t in stop_token_ids))
-    device, B = model.device, len(prompts)
-    lens = [len(p) for p in prompts]
-    P = max(lens)
-    total = min(P + max_new_tokens, model.config.max_position_embeddings)
-    pad = _pad_id(model)
-
-    # left padding: (B, P) ids and a (B, total) mask whose columns fill in as tokens are generated
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    mask = torch.zeros((B, total), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[b, P - len(p):P] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    mask_arg = None if min(lens) == P else mask  # no padding: the plain causal path
-
-    step_fn = getattr(model, "decode_step", None)
-    cache = model.new_cache(B, total)
-    penalties = PenaltyState([list(p) for p in prompts], model.config.vocab_size, device=device)
-    generators = make_generators(seed, B)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device)
-
-    logits = model(ids, attention_mask=None if mask_arg is None else mask[:, :P], cache=cache,
-                   input_pos=torch.arange(P, device=device), last_only=True)[:, -1].float()
-    for step in range(total - P):
-        logits = penalties.apply(logits, repetition_penalty, presence_penalty, frequency_penalty)
-        logits = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        tokens = sample_next(logits, temperature=temperature, generators=generators)
-        tokens = torch.where(finished, torch.full_like(tokens, -1), tokens)
-        penalties.update(tokens)
-        out = tokens.tolist()
-        yield [None if t < 0 else t for t in out]
-        finished |= torch.isin(tokens, stop_t)
-        if bool(finished.all()) or step == total - P - 1:
+    seqs, max_len = _sequences(model, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                               stop_token_ids=stop_token_ids, temperature=temperature, top_k=top_k, top_p=top_p,
+                               min_p=min_p, repetition_penalty=repetition_penalty,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    engine = Engine(model, max_batch=len(seqs), max_seq_len=max_len)
+    outputs = engine.add(seqs)
+    while True:
+        _raise_if_failed(outputs)
+        new = {id(o.seq): o.token for o in outputs}
+        yield [new.get(id(s)) for s in seqs]
+        if not engine.rows:
             return
-        slot = P + step
-        mask[:, slot] = 1  # finished rows keep decoding pad tokens, as transformers does; nobody reads them
-        feed = torch.where(tokens < 0, torch.full_like(tokens, pad), tokens)
-        input_pos = torch.tensor([slot], device=device)
-        if step_fn is not None:  # fixed shapes: compiled on CPU, a CUDA graph on CUDA (qwen2_pure.fast)
-            logits = step_fn(feed[:, None], input_pos, None if mask_arg is None else mask, cache)
-        else:
-            logits = model(feed[:, None], attention_mask=None if mask_arg is None else mask[:, :slot + 1],
-                           cache=cache, input_pos=input_pos, last_only=True)[:, -1].float()
+        outputs = engine.step()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -138,21 +115,23 @@ def stream_text(model, tokenizer, prompt, *, stop: Optional[Sequence[str]] = Non
     `sampling` takes the keyword arguments of `stream_generate`. `stream_text(...).close()` (or
     leaving the loop) stops the generation.
     """
-    from .tokenizer import TextStream
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    text = TextStream(tokenizer, skip_special_tokens=skip_special_tokens, stop=list(stop or []))
-    steps = stream_generate(model, [ids], **sampling)
-    try:
-        for (tok,) in steps:
-            if tok is None:
-                break
-            piece = text.push(tok)
-            if piece:
-                yield piece
-            if text.stopped:
-                return
-        tail = text.finish()
-        if tail:
-            yield tail
-    finally:
-        steps.close()
+    max_new_tokens = sampling.pop("max_new_tokens", None)
+    if max_new_tokens is None:
+        raise Qwen2PureError("stream_text needs max_new_tokens")
+    seed, stop_token_ids = sampling.pop("seed", None), sampling.pop("stop_token_ids", None)
+    with torch.inference_mode():
+        [seq], max_len = _sequences(model, [ids], max_new_tokens=max_new_tokens, seed=seed,
+                                    stop_token_ids=stop_token_ids, stop=list(stop or []), **sampling)
+        seq.skip_special_tokens = skip_special_tokens
+        engine = Engine(model, max_batch=1, max_seq_len=max_len, tokenizer=tokenizer)
+        outputs = engine.add([seq])
+    while True:
+        _raise_if_failed(outputs)
+        for out in outputs:
+            if out.text:
+                yield out.text
+        if not engine.rows:
+            return
+        with torch.inference_mode():
+            outputs = engine.step()

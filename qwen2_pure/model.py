@@ -32,26 +32,31 @@ from torch import nn
 
 from . import ops
 from .cache import KVCache
-from .config import Qwen2Config
+from .config import GenerationConfig, Qwen2Config
 from .errors import Qwen2PureError
+from .settings import DEFAULT, Settings
 
 
 class Linear(nn.Linear):
     """nn.Linear through `ops.linear` (the same product; on CPUs without bf16 instructions a prompt-sized
     bf16 one runs as an fp32 GEMM). The parameters, their names and `isinstance(m, nn.Linear)` are unchanged."""
 
+    settings: Settings = DEFAULT  # set per instance by Qwen2ForCausalLM.configure
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias, self.settings)
 
 
 class RMSNorm(nn.Module):
+    settings: Settings = DEFAULT
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, self.settings)
 
 
 def rope_frequencies(cfg: Qwen2Config) -> tuple[torch.Tensor, float]:
@@ -124,6 +129,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
+    settings: Settings = DEFAULT
+
     def __init__(self, cfg: Qwen2Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -133,21 +140,23 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], input_pos, static: bool = False):
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], input_pos, kv_len: int):
         B, T, _ = x.shape
         # (B, T, H*D) -> (B, H, T, D): the biases are added before RoPE, as in the reference
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = ops.apply_rope(q, k, cos, sin)
-        if cache is not None:  # write the new keys at their slots, read back every slot seen so far
-            k, v = cache.update(self.layer_idx, input_pos, k, v, static)  # (B, H_kv, S, D)
-        out = ops.attention(q, k, v, mask, self.head_dim ** -0.5)  # (B, H_q, T, D)
+        q, k = ops.apply_rope(q, k, cos, sin, self.settings)
+        if cache is not None:  # write the new keys at their slots, read back slots [0, kv_len)
+            k, v = cache.update(self.layer_idx, input_pos, k, v, kv_len)  # (B, H_kv, S, D)
+        out = ops.attention(q, k, v, mask, self.head_dim ** -0.5, self.settings)  # (B, H_q, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     """SwiGLU: the dense layer's MLP, and each expert (and the shared expert) of a MoE layer."""
+
+    settings: Settings = DEFAULT
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -156,7 +165,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.settings))
 
 
 class SparseMoeBlock(nn.Module):
@@ -203,8 +212,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, masks, cache, input_pos, static=False):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.window], cache, input_pos, static)
+    def forward(self, h, cos, sin, masks, cache, input_pos, kv_len):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.window], cache, input_pos, kv_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -237,9 +246,15 @@ def attention_mask_4d(slots: torch.Tensor, kv_len: int, padding: Optional[torch.
 
 
 class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, cfg: Qwen2Config):
+    settings: Settings = DEFAULT  # how the ops compute (`configure`); the library's defaults until then
+
+    def __init__(self, cfg: Qwen2Config, generation_config: Optional[GenerationConfig] = None):
         super().__init__()
         self.config = cfg
+        # what ends a generation and how to sample by default: generation_config.json when loaded from a
+        # checkpoint, else config.json's eos ids and transformers' defaults (a model built here and a loaded
+        # one without that file behave the same)
+        self.generation_config = generation_config or GenerationConfig.from_dict({}, cfg)
         self.model = Qwen2Model(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -266,27 +281,41 @@ class Qwen2ForCausalLM(nn.Module):
         return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
                        dtype=dtype or self.dtype, device=self.device)
 
+    def configure(self, settings: Settings) -> "Qwen2ForCausalLM":
+        """Choose how every op of this model computes (`qwen2_pure.settings`); returns the model.
+        Kernels asked for but not importable fail (or warn, for "auto" on CUDA) here, not at the first op."""
+        if not isinstance(settings, Settings):
+            raise Qwen2PureError(f"settings must be a qwen2_pure.Settings, got {type(settings).__name__}")
+        ops.check_kernels(settings, self.device)
+        self.settings = settings
+        for m in self.modules():  # the modules that call ops: Linear, RMSNorm, Attention, MLP, and this one
+            if hasattr(m, "settings"):
+                m.settings = settings
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
-                input_pos: Optional[torch.Tensor] = None, last_only: bool = False,
-                static: bool = False) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) — or (B, 1, vocab) with `last_only` — for `input_ids` (B, T).
 
-        attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, over every slot seen so
-            far, this call's tokens included. When given without position_ids, RoPE positions count
-            real tokens only (mask.cumsum - 1), so a left-padded row gives the logits of the unpadded one.
+        attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, over the key slots the call
+            reads (at least [0, kv_len)), this call's tokens included. When given without position_ids,
+            RoPE positions count real tokens only (mask.cumsum - 1), so a left-padded row gives the logits of
+            the unpadded one.
         position_ids: (B, T) RoPE positions; default: the slots (0.. without a cache, input_pos with one).
         cache, input_pos: a KVCache and the slots (T,) this call writes, e.g. arange(T) for a prefill
             and tensor([t]) for the decode step of token t. Without a cache the call is a full forward.
-        static: attend over every slot of the cache (the unwritten ones masked) instead of slots [0, last]:
-            shapes then never change from one step to the next and nothing waits for a tensor's value,
-            which is what torch.compile and CUDA graphs need (`qwen2_pure.fast`). Needs a cache, and
-            position_ids or attention_mask.
+        kv_len: the cache slots attention reads, [0, kv_len) (int). The caller knows it (the generation
+            engine does): given, nothing waits for a tensor's value. None reads it from input_pos (last + 1),
+            a host sync. A compiled decode step passes the cache's whole length, so that shapes never change
+            from one step to the next: slots after the query are hidden by the causal mask.
         """
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device)
-        kv_len = cache.max_len if static else int(input_pos[-1]) + 1
+        if kv_len is None:
+            kv_len = int(input_pos[-1]) + 1 if cache is not None else T
         if position_ids is None:
             if attention_mask is not None:
                 pos = attention_mask.long().cumsum(-1) - 1
@@ -299,7 +328,7 @@ class Qwen2ForCausalLM(nn.Module):
         masks = {w: attention_mask_4d(input_pos, kv_len, attention_mask, w, h.dtype)
                  for w in {layer.window for layer in self.model.layers}}
         for layer in self.model.layers:
-            h = layer(h, cos, sin, masks, cache, input_pos, static)
+            h = layer(h, cos, sin, masks, cache, input_pos, kv_len)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))

@@ -1,34 +1,28 @@
-"""The few operations a faster backend may replace: RMSNorm, RoPE, attention, SwiGLU.
+"""The few operations a faster backend may replace: RMSNorm, RoPE, attention, SwiGLU, and the linear product.
 
-Each function here is the PyTorch reference, written in transformers' exact op order so that fp32
-logits match it bit for bit on CPU (and bf16 ones too, where the order decides the rounding).
+Each function here is the PyTorch reference, written in transformers' exact op order so that fp32 logits
+match it bit for bit on CPU (and bf16 ones too, where the order decides the rounding).
 
-Dispatch: on CUDA tensors the Triton kernels of `qwen2_pure.kernels` replace them, when triton is
-installed (`pip install qwen2-pure[kernels]`). `QWEN2_PURE_KERNELS=torch` forces the references everywhere,
-`QWEN2_PURE_KERNELS=triton` forces the kernels on any device (on a CPU that needs `TRITON_INTERPRET=1`, set
-before anything imports triton: Triton's interpreter, for tests). The kernels have no backward, so a call
-that needs gradients always takes the reference. triton is imported on first use, never at import time.
+What runs is decided by a `Settings` object (`qwen2_pure.settings`) chosen when the model is loaded and
+passed in by the model's modules; nothing here reads the environment. With `settings.kernels` "auto", CUDA
+tensors take the Triton kernels of `qwen2_pure.kernels`; "torch" forces the references everywhere; "triton"
+forces the kernels on any device (on a CPU that needs `TRITON_INTERPRET=1`, set before anything imports
+triton: Triton's interpreter, for tests). The kernels have no backward, so a call that needs gradients always
+takes the reference. triton is imported on first use, never at import time.
 """
 
 from __future__ import annotations
 
-import os
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-_BACKENDS = ("auto", "torch", "triton")
+from .errors import Qwen2PureError
+from .settings import DEFAULT, Settings
+
 _native_bf16 = None  # whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), probed once
-
-
-def fast() -> bool:
-    """The QWEN2_PURE_FAST setting (default 1): take the fast CPU paths below. 0 keeps transformers' eager op
-    order everywhere, which is what makes logits bit-identical to its eager attention (the parity tests)."""
-    value = os.environ.get("QWEN2_PURE_FAST", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"QWEN2_PURE_FAST={value!r}: expected 0 or 1")
-    return value == "1"
 
 
 def native_bf16() -> bool:
@@ -44,55 +38,71 @@ def native_bf16() -> bool:
 UPCAST_FROM_ROWS = 16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def upcasts(x: torch.Tensor, settings: Settings = DEFAULT) -> bool:
+    """Whether `linear` widens this product to fp32 (see there): a CPU without bf16 instructions, fast mode,
+    a bf16/fp16 input of at least UPCAST_FROM_ROWS rows, no gradients."""
+    return (settings.fast and x.dtype in (torch.bfloat16, torch.float16) and not x.is_cuda
+            and x.numel() >= UPCAST_FROM_ROWS * x.shape[-1] and not native_bf16() and not torch.is_grad_enabled())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           settings: Settings = DEFAULT) -> torch.Tensor:
     """F.linear, except for prompt-sized bf16/fp16 products on a CPU without bf16 instructions: there
     oneDNN emulates bf16 at ~1/6 of the fp32 GEMM rate, so the operands are widened to fp32 (exact) and
     the fp32 result rounded back, the accumulation being fp32 in both cases. Decode-sized products stay
     bf16: they are bound by reading the weight, and bf16 reads half the bytes."""
-    if (x.dtype in (torch.bfloat16, torch.float16) and not x.is_cuda and x.numel() >= UPCAST_FROM_ROWS * x.shape[-1]
-            and not native_bf16() and fast() and not torch.is_grad_enabled()):
+    if upcasts(x, settings):
         out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         return out.to(x.dtype)
     return F.linear(x, weight, bias)
-_kernels = None  # qwen2_pure.kernels once imported; False when triton is missing
 
 
-def _load_kernels():
+_kernels = None  # qwen2_pure.kernels once imported, or the reason it cannot be (a string)
+
+
+def load_kernels():
+    """`qwen2_pure.kernels`, or a string saying why it cannot be imported."""
     global _kernels
     if _kernels is None:
         try:
             from . import kernels as mod
-        except ImportError:
-            mod = False
+        except ImportError as e:
+            mod = (f"the Triton kernels cannot be imported ({e}); install triton (pip install "
+                   "'qwen2-pure[kernels]') and install the package (pip install -e .), which maps the repository's "
+                   "kernels/ folder to qwen2_pure.kernels")
         _kernels = mod
     return _kernels
 
 
-def backend() -> str:
-    """The QWEN2_PURE_KERNELS setting: auto (default), torch or triton."""
-    value = os.environ.get("QWEN2_PURE_KERNELS", "auto").strip().lower() or "auto"
-    if value not in _BACKENDS:
-        raise ValueError(f"QWEN2_PURE_KERNELS={value!r}: expected one of {', '.join(_BACKENDS)}")
-    return value
+def check_kernels(settings: Settings, device: torch.device) -> None:
+    """Called once when a model is configured: kernels asked for but not importable are an error
+    (kernels="triton") or a warning ("auto" on CUDA), never a silent fallback."""
+    wanted = settings.kernels == "triton" or (settings.kernels == "auto" and device.type == "cuda")
+    mod = load_kernels() if wanted else None
+    if isinstance(mod, str):
+        if settings.kernels == "triton":
+            raise Qwen2PureError(f"kernels='triton': {mod}")
+        warnings.warn(f"kernels='auto' on {device}: {mod}; running the PyTorch references", stacklevel=3)
 
 
-def _triton(*tensors: torch.Tensor):
+def _triton(settings: Settings, *tensors: torch.Tensor):
     """The kernels module when this call should run on Triton, else None."""
-    choice = backend()
-    if choice == "torch":
+    if settings.kernels == "torch":
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
-    if choice == "auto" and not tensors[0].is_cuda:
+    if settings.kernels == "auto" and not tensors[0].is_cuda:
         return None
-    mod = _load_kernels()
-    if not mod and choice == "triton":
-        raise ImportError("QWEN2_PURE_KERNELS=triton but triton is not installed: pip install 'qwen2-pure[kernels]'")
-    return mod or None
+    mod = load_kernels()
+    if isinstance(mod, str):
+        if settings.kernels == "triton":
+            raise Qwen2PureError(f"kernels='triton': {mod}")
+        return None  # "auto": check_kernels warned when the model was configured
+    return mod
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    k = _triton(x, weight)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, settings: Settings = DEFAULT) -> torch.Tensor:
+    k = _triton(settings, x, weight)
     if k:
         return k.rms_norm(x, weight, eps)
     # Normalize in fp32, cast back, *then* scale: multiplying in fp32 first moves bf16 logits by ~3e-2.
@@ -109,17 +119,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, settings: Settings = DEFAULT):
     # q (B, H_q, T, D), k (B, H_kv, T, D); cos, sin (B, T, D) -> broadcast over heads.
     # The Triton path rotates q and k in place (the model's are fresh projections nobody else reads).
-    kern = _triton(q, k)
+    kern = _triton(settings, q, k)
     if kern and q.stride(-1) == 1 and k.stride(-1) == 1:
         return kern.rope_(q, k, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              settings: Settings = DEFAULT) -> torch.Tensor:
     """Grouped-query attention: q (B, H_q, T, D), k/v (B, H_kv, S, D), additive mask (B|1, 1, T, S).
 
     Instead of copying each KV head n_rep times (transformers' repeat_kv), the n_rep query heads of a
@@ -128,10 +139,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """
     B, H_q, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
-    kern = _triton(q, k, v)
+    kern = _triton(settings, q, k, v)
     if kern and D in (16, 32, 64, 128, 256):
         return _triton_attention(kern, q, k, v, mask, scale)
-    if fast() and not q.is_cuda:  # PyTorch's fused CPU attention (flash-style, reads K/V once per group)
+    if settings.fast and not q.is_cuda:  # PyTorch's fused CPU attention (flash-style, reads K/V once per group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H_q != H_kv)
     n_rep = H_q // H_kv
     qg = q.reshape(B, H_kv, n_rep * T, D)  # (B, H_kv, n_rep*T, D)
@@ -157,8 +168,8 @@ def _triton_attention(kern, q, k, v, mask: Optional[torch.Tensor], scale: float)
     return kern.flash_attention(q, k, v, causal=False, sm_scale=scale, attn_bias=mask)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    k = _triton(gate, up)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, settings: Settings = DEFAULT) -> torch.Tensor:
+    k = _triton(settings, gate, up)
     if k:
         return k.swiglu(gate, up)
     return F.silu(gate) * up

@@ -10,7 +10,10 @@ One decode step is
 The order and the semantics are those of Hugging Face transformers' `generate()` (`_get_logits_processor`):
 repetition penalty -> temperature -> top-k -> top-p -> min-p, then `multinomial(softmax)`; ties, boundaries and
 `min_tokens_to_keep=1` follow transformers' warpers exactly, so the filtered distributions are equal. Additions:
-temperature 0 means greedy (transformers raises and wants `do_sample=False`), and OpenAI presence/frequency
+temperature 0 means greedy (transformers raises and wants `do_sample=False`) — and so does any temperature below
+`GREEDY_BELOW` = 1e-5, vLLM's rule (`_SAMPLING_EPS` in vllm/sampling_params.py): dividing by such a temperature
+overflows fp32 —, logits made infinite by an extreme penalty saturate at the largest fp32 value instead of
+turning the softmax into NaN, and OpenAI presence/frequency
 penalties, applied after the repetition penalty over the generated tokens only (vLLM's place for them).
 
 Other engines differ:
@@ -35,8 +38,10 @@ import torch
 from qwen2_pure.errors import Qwen2PureError
 
 __all__ = [
+    "GREEDY_BELOW",
     "PenaltyState",
     "SamplingParams",
+    "is_greedy",
     "make_generators",
     "process_logits",
     "sample_next",
@@ -185,18 +190,31 @@ def _min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, -math.inf)
 
 
+# Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`): logits / 1e-40 is inf, and softmax(inf) is NaN.
+GREEDY_BELOW = 1e-5
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` means greedy decoding: 0, or anything below GREEDY_BELOW (vLLM's rule)."""
+    return temperature < GREEDY_BELOW
+
+
 def process_logits(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
     """Apply the sampling warpers to `[B, V]` logits; removed tokens become -inf. The input is never modified.
 
-    temperature == 0 means greedy: the logits come back unchanged (argmax does not depend on the warpers).
+    A greedy temperature (`is_greedy`: 0 or below 1e-5) means greedy: the logits come back unchanged (argmax
+    does not depend on the warpers). +inf logits (an extreme repetition penalty) saturate at the largest fp32
+    value, so those tokens share the mass instead of making the softmax NaN; -inf (removed) stays -inf.
     Each warper runs only where transformers would run it: temperature != 1, top_k != 0, top_p < 1, min_p > 0.
     """
     validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=1.0)
-    if temperature == 0:
+    if is_greedy(temperature):
         return logits
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
+    logits = logits.clamp(max=_FP32_MAX)
     if top_k != 0:
         logits = _top_k(logits, top_k)
     if top_p < 1.0:
@@ -235,14 +253,21 @@ def make_generators(seed: int | None, batch: int, device=None) -> list[torch.Gen
 
 def sample_next(logits: torch.Tensor, *, temperature: float,
                 generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Next token per row, LongTensor `[B]`: argmax when temperature == 0, else `multinomial(softmax(logits))`.
+    """Next token per row, LongTensor `[B]`: argmax when the temperature is greedy (`is_greedy`), else
+    `multinomial(softmax(logits))`.
 
     With generators, row i draws from `generators[i]` alone (batch-invariant); without, one draw over the batch
-    from the global RNG, as transformers does.
+    from the global RNG, as transformers does. Raises `Qwen2PureError` naming the rows whose distribution is not
+    finite (NaN logits from the model, or every token removed).
     """
-    if temperature == 0:
+    if is_greedy(temperature):
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits.float(), dim=-1)
+    finite = torch.isfinite(probs).all(dim=-1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        raise Qwen2PureError(f"cannot sample row(s) {rows}: the next-token distribution is not finite (NaN logits, "
+                             "or every token removed by the penalties and filters)")
     if generators is None:
         return torch.multinomial(probs, num_samples=1).squeeze(1)
     if len(generators) != probs.shape[0]:
@@ -290,7 +315,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return is_greedy(self.temperature)
 
     def validate(self) -> "SamplingParams":
         validate_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,

@@ -4,7 +4,7 @@
 import os as _os_fast
 
 _os_fast.environ.setdefault("QWEN2_PURE_FAST", "0")
-_os_fast.environ.setdefault("QWEN2_PURE_COMPILE", "1")
+
 
 
 # ---- GGUF fixtures (tests/test_gguf.py) -------------------------------------------------------------------

@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from ..config import Qwen2Config
+from ..config import GenerationConfig, Qwen2Config
 from ..errors import Qwen2PureError, read_json_object
 from ..model import Qwen2ForCausalLM
 from ..quant import QuantLinear, check_mode, replace_linears
+from ..settings import Settings
 from .safetensors_io import SafetensorsFile
 
 Source = Union[str, os.PathLike, None]
@@ -49,8 +51,8 @@ def parse_dtype(dtype, default: Optional[str] = None) -> torch.dtype:
 def resolve_source(source: Source) -> Path:
     """A local folder or .gguf file for `source`: a path, a modelscope id, or None for the demo model."""
     if source is None:
-        from .demo import demo_model_dir
-        return demo_model_dir()
+        from .demo import demo_model_path
+        return demo_model_path()
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
         return path
@@ -190,15 +192,16 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _build(cfg: Qwen2Config) -> Qwen2ForCausalLM:
+def _build(cfg: Qwen2Config, generation_config: GenerationConfig) -> Qwen2ForCausalLM:
     with torch.device("meta"), _SkipInit():
-        return Qwen2ForCausalLM(cfg)
+        return Qwen2ForCausalLM(cfg, generation_config)
 
 
 def _load_folder(folder: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM:
     cfg = Qwen2Config.from_file(folder / "config.json")
+    gen_cfg = GenerationConfig.from_file(folder / "generation_config.json", cfg)
     files = _checkpoint_files(folder)
-    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, cfg.torch_dtype), device, quantize)
+    assigner = _StrictAssigner(_build(cfg, gen_cfg), parse_dtype(dtype, cfg.torch_dtype), device, quantize)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
@@ -211,19 +214,20 @@ def _load_folder(folder: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM
                 if assigner.wants(name, str(path)):
                     assigner.assign(name, f.shape(name), lambda: f.get(name), str(path))
                     f.release(name)
-    model = assigner.finish(str(folder))
-    model.generation_config = _read_json(folder / "generation_config.json")
-    model.source = str(folder)
-    return model
+    return assigner.finish(str(folder))
 
 
 def _load_gguf(path: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM:
+    from .demo import generation_config_for
     from .gguf import gguf_config, iter_gguf_tensors, open_gguf
     from .gguf_tokenizer import gguf_tokenizer_files
     reader = open_gguf(path)
     cfg = Qwen2Config.from_dict(gguf_config(reader), source=str(path))
+    # a GGUF has token ids but no sampling values; the demo's come with it (loading.demo.GENERATION_CONFIG)
+    gen_cfg = GenerationConfig.from_dict(generation_config_for(path) or gguf_tokenizer_files(reader)[2], cfg,
+                                         source=f"{path} (tokenizer metadata)")
     # GGUF tensors are quantized: they are dequantized to fp32 one at a time, then cast
-    assigner = _StrictAssigner(_build(cfg), parse_dtype(dtype, "float32"), device, quantize)
+    assigner = _StrictAssigner(_build(cfg, gen_cfg), parse_dtype(dtype, "float32"), device, quantize)
     # with quantize="int4", 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K) are taken as they are, not requantized
     tensors = iter_gguf_tensors(reader, keep_int4=assigner.takes_int4 if quantize == "int4" else None)
     for name, tensor in tensors:
@@ -233,31 +237,56 @@ def _load_gguf(path: Path, dtype, device, quantize=None) -> Qwen2ForCausalLM:
             assigner.assign_int4(name, tensor, str(path))
         else:
             assigner.assign(name, tuple(tensor.shape), lambda: tensor, str(path), fresh=True)
-    model = assigner.finish(str(path))
-    model.generation_config = gguf_tokenizer_files(reader)[2]
-    model.source = str(path)
-    return model
+    return assigner.finish(str(path))
 
 
-def _read_json(path: Path) -> dict:
-    return read_json_object(path) if path.is_file() else {}
+@dataclass
+class Loaded:
+    """What `load` read: the model, its tokenizer and generation config, and where they came from.
+
+    model: the Qwen2ForCausalLM, in eval mode, configured with `settings`. tokenizer: its Tokenizer (None with
+    `tokenizer=False`). generation_config: generation_config.json read once (`qwen2_pure.config.GenerationConfig`;
+    also `model.generation_config`). source: the folder or .gguf file the weights came from. adapter: the LoRA
+    adapter folder applied unmerged, or None. quantization: "int8", "int4" or None. settings: how the ops
+    compute (`qwen2_pure.settings.Settings`).
+    """
+
+    model: Qwen2ForCausalLM
+    tokenizer: Any
+    generation_config: GenerationConfig
+    source: str
+    adapter: Optional[str] = None
+    quantization: Optional[str] = None
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's folder or file name, e.g. 'Qwen2.5-7B-Instruct' (what a server lists)."""
+        name = Path(self.source).name
+        return name[:-5] if name.endswith(".gguf") else name
 
 
-def load_model(source: Source = None, dtype=None, device=None, adapter=None, quantize: Optional[str] = None,
-               compile: bool = False) -> Qwen2ForCausalLM:
-    """Load a Qwen2 model from a folder, a .gguf file, a modelscope id, or (None) the demo checkpoint.
+def load(source: Source = None, dtype=None, device=None, adapter=None, quantize: Optional[str] = None,
+         compile: Optional[bool] = None, settings: Optional[Settings] = None, tokenizer: bool = True) -> Loaded:
+    """Load a Qwen2 checkpoint — a folder, a .gguf file, a modelscope id, or (None) the demo — as a `Loaded`.
 
     dtype: torch dtype or name; None/'auto' takes config.json's `torch_dtype` (fp32 when absent).
-    device: where the weights go (default CPU). Returns the model in eval mode, with
-    `model.generation_config` (a dict; empty when the folder has no generation_config.json).
+    device: where the weights go (default CPU).
     adapter: a peft LoRA adapter folder (ours or peft's), applied unmerged on top of the base
     (see `qwen2_pure.lora.load_adapter`).
     quantize: None, "int8" or "int4": weight-only quantization of the linear layers, done tensor by tensor
     while loading (`qwen2_pure.quant`); the activations keep `dtype`.
-    compile: compile the decode step with torch.compile (`qwen2_pure.fast`); the first generation pays the
-    compilation. Off by default; `QWEN2_PURE_COMPILE=0` turns it off everywhere.
+    settings: how the ops compute (`qwen2_pure.settings.Settings`); default: `Settings.from_env()`, i.e. the
+    library's defaults changed by QWEN2_PURE_FAST / QWEN2_PURE_KERNELS / QWEN2_PURE_COMPILE where set.
+    compile: shorthand for settings' `compile` (the decode step compiled with torch.compile on CPU, a CUDA
+    graph on CUDA; `qwen2_pure.fast`); the first generation pays the compilation.
+    Raises `Qwen2PureError` naming the file, tensor or argument at fault.
     """
     quantize = check_mode(quantize)
+    if settings is None:
+        settings = Settings.from_env(compile=compile)
+    elif compile is not None:
+        settings = settings.replace(compile=compile)
     path = resolve_source(source)
     if quantize is not None and adapter is not None:
         raise Qwen2PureError("adapter= and quantize= together are not supported: merge the adapter first "
@@ -273,11 +302,18 @@ def load_model(source: Source = None, dtype=None, device=None, adapter=None, qua
     if adapter is not None:
         from ..lora import load_adapter
         load_adapter(model, adapter)
-        model.adapter = str(adapter)
-    if compile:
-        from ..fast import enable_compile
-        enable_compile(model)
-    return model
+    model.configure(settings)
+    return Loaded(model=model, tokenizer=load_tokenizer(path) if tokenizer else None,
+                  generation_config=model.generation_config, source=str(path),
+                  adapter=None if adapter is None else str(adapter), quantization=quantize, settings=settings)
+
+
+def load_model(source: Source = None, dtype=None, device=None, adapter=None, quantize: Optional[str] = None,
+               compile: Optional[bool] = None, settings: Optional[Settings] = None) -> Qwen2ForCausalLM:
+    """The model of `load(...)` (same arguments), in eval mode; its `generation_config` is the checkpoint's
+    generation_config.json (`qwen2_pure.config.GenerationConfig`)."""
+    return load(source, dtype=dtype, device=device, adapter=adapter, quantize=quantize, compile=compile,
+                settings=settings, tokenizer=False).model
 
 
 def load_tokenizer(source: Source = None):

@@ -29,7 +29,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Qwen2PureError
-from ..sampling import SamplingParams
 from . import protocol
 from .engine import DEFAULT_MAX_QUEUE, DEFAULT_SLOTS, Engine, EngineStopped, Event, QueueFull
 from .engine import Request as EngineRequest
@@ -38,12 +37,7 @@ from .protocol import APIError, Generation, ServerInfo
 log = logging.getLogger("qwen2_pure.serve")
 STATIC = Path(__file__).with_name("static")
 _DISCONNECTED = "client disconnected"
-
-
-def default_model_name(model) -> str:
-    """The id /v1/models lists: the checkpoint's folder or file name, e.g. 'Qwen2.5-7B-Instruct'."""
-    name = Path(str(getattr(model, "source", "") or "qwen2")).name
-    return name[:-5] if name.endswith(".gguf") else name
+DEFAULT_MODEL_NAME = "qwen2"  # the id /v1/models lists when the caller names none (the CLI passes the checkpoint's)
 
 
 class _Events:
@@ -85,18 +79,13 @@ class _CancellingStream(StreamingResponse):
 def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: Optional[str] = None,
                slots: int = DEFAULT_SLOTS, max_seq_len: Optional[int] = None, max_queue: int = DEFAULT_MAX_QUEUE,
                engine: Optional[Engine] = None) -> FastAPI:
-    """The FastAPI app serving `model`. The engine thread starts with the app (lifespan) and stops with it."""
+    """The FastAPI app serving `model` as `model_name` (the command line passes the checkpoint's folder or file
+    name, `Loaded.name`). The engine thread starts with the app (lifespan) and stops with it."""
     engine = engine or Engine(model, tokenizer, slots=slots, max_seq_len=max_seq_len, max_queue=max_queue)
-    gen_conf = dict(getattr(model, "generation_config", {}) or {})
-    try:
-        defaults = SamplingParams.from_generation_config(
-            {k: v for k, v in gen_conf.items() if k != "max_new_tokens"})
-    except Qwen2PureError as e:
-        raise Qwen2PureError(f"generation_config.json: {e}") from None
-    max_new = gen_conf.get("max_new_tokens")
-    info = ServerInfo(model_name=model_name or default_model_name(model), tokenizer=tokenizer,
-                      vocab_size=model.config.vocab_size, max_seq_len=engine.max_seq_len, defaults=defaults,
-                      default_max_tokens=max_new if isinstance(max_new, int) and max_new > 0 else None)
+    gen_cfg = model.generation_config  # generation_config.json, read once by the loader
+    info = ServerInfo(model_name=model_name or DEFAULT_MODEL_NAME, tokenizer=tokenizer,
+                      vocab_size=model.config.vocab_size, max_seq_len=engine.max_seq_len, defaults=gen_cfg.sampling,
+                      default_max_tokens=gen_cfg.max_new_tokens, eos_ids=tuple(gen_cfg.eos_token_id))
     created = protocol.now()
 
     @asynccontextmanager
@@ -276,4 +265,4 @@ def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, api_ke
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
 
 
-__all__ = ["create_app", "default_model_name", "serve"]
+__all__ = ["create_app", "serve"]

@@ -109,6 +109,7 @@ class ServerInfo:
     max_seq_len: int  # prompt + answer, per request (the engine's cache slots per row)
     defaults: SamplingParams = field(default_factory=SamplingParams)
     default_max_tokens: Optional[int] = None  # generation_config's max_new_tokens
+    eos_ids: tuple = ()  # generation_config's eos ids: what ends an answer unless ignore_eos
 
 
 @dataclass
@@ -179,7 +180,7 @@ def _stop_token_ids(body: dict, info: ServerInfo) -> Optional[list[int]]:
     if _boolean(body, "ignore_eos"):
         return list(ids or [])
     if ids:
-        return sorted(set(ids) | set(info.tokenizer.stop_token_ids))
+        return sorted(set(ids) | set(info.eos_ids))
     return None
 
 
