@@ -9,8 +9,9 @@
     qwen2-pure train --stage sft --finetuning_type lora --model_name_or_path SRC ...   # LLaMA-Factory's flags
     qwen2-pure export --model SRC --adapter DIR --output OUT                         # merge a LoRA adapter
 
-Argument parsing and terminal I/O only; the work is done by the modules it calls. A user error prints
-one line on stderr (no traceback) and exits with status 2.
+Argument parsing and terminal I/O only; the work is done by the modules it calls. Every value on the
+command line is checked before a model is loaded (`check_values`), and a user error prints one line on
+stderr naming the flag (no traceback) and exits with status 2, as argparse's own errors do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 from .errors import Qwen2PureError
 
@@ -33,8 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="model folder, .gguf file or modelscope id (default: the embedded demo model)")
     p.add_argument("--dtype", default="auto", help="auto (config.json's), float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: one per core)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization of the linear layers while loading (activations keep --dtype)")
     p.add_argument("--compile", action="store_true",
@@ -122,6 +124,116 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---- every value checked before anything is loaded ----------------------------------------------------------
+# Loading the demo model takes 15-20 s on a small CPU, a large model minutes: a typo must fail at once. The
+# rules are the library's own (validate_sampling, parse_dtype, read_adapter_config, the engine's bounds).
+
+_SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                   "repetition_penalty": "--repetition-penalty"}
+
+
+def _flag(flag: str, check: Callable[[], object]):
+    """Run `check`; a Qwen2PureError it raises comes back with the command-line flag in front."""
+    try:
+        return check()
+    except Qwen2PureError as e:
+        raise Qwen2PureError(f"{flag}: {e}") from None
+
+
+def check_max_new_tokens(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise Qwen2PureError(f"max_new_tokens={value!r} is invalid: it must be an integer >= 1")
+    return value
+
+
+def check_seed(seed) -> int:
+    """A seed torch.Generator takes (torch raises an OverflowError-like ValueError past 64 bits)."""
+    import torch
+    try:
+        torch.Generator().manual_seed(seed)
+    except (ValueError, RuntimeError, TypeError):
+        raise Qwen2PureError(f"seed={seed!r} is invalid: it must be an integer in [-2**63, 2**64)") from None
+    return seed
+
+
+def check_device(device: str):
+    """The torch.device `device` names, if this machine has it; else a Qwen2PureError that says why.
+
+    Without this, a CPU-only PyTorch fails deep in the first copy to CUDA with an AssertionError
+    ("Torch not compiled with CUDA enabled"), after the weights were read.
+    """
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise Qwen2PureError(f"device={device!r} is not a device name (cpu, cuda, cuda:N or mps)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or getattr(torch.version, "hip", None)
+            why = "no CUDA device is visible (driver? CUDA_VISIBLE_DEVICES?)" if built else \
+                f"this PyTorch ({torch.__version__}) was built without CUDA"
+            raise Qwen2PureError(f"device={device!r}: CUDA is not available: {why}")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise Qwen2PureError(f"device={device!r}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise Qwen2PureError(f"device={device!r}: MPS (Apple GPU) is not available on this machine")
+    elif d.type != "cpu":
+        raise Qwen2PureError(f"device={device!r}: qwen2-pure runs on cpu, cuda or mps")
+    return d
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind (host, port) once and let go, so a taken port fails now and not after the model's load."""
+    import socket
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as e:
+        raise Qwen2PureError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
+def _at_least(flag: str, value: Optional[int], low: int) -> None:
+    if value is not None and value < low:
+        raise Qwen2PureError(f"{flag}: {flag[2:].replace('-', '_')}={value} is invalid: it must be an integer >= {low}")
+
+
+def check_values(args) -> None:
+    """Check every value of the command line; raise a Qwen2PureError naming the flag at fault."""
+    cmd = args.command
+    _at_least("--threads", getattr(args, "threads", None), 1)
+    if getattr(args, "device", None) is not None:
+        _flag("--device", lambda: check_device(args.device))
+    if cmd in ("generate", "chat", "serve", "export"):
+        from .loading import parse_dtype
+        _flag("--dtype", lambda: parse_dtype(args.dtype))
+    if getattr(args, "seed", None) is not None:
+        _flag("--seed", lambda: check_seed(args.seed))
+    if getattr(args, "adapter", None) is not None:
+        from .lora import read_adapter_config
+        _flag("--adapter", lambda: read_adapter_config(args.adapter))
+    if cmd == "generate":
+        from .sampling import SamplingParams
+        for name, flag in _SAMPLING_FLAGS.items():  # each value alone, the others neutral
+            if getattr(args, name) is not None:
+                _flag(flag, lambda: SamplingParams(**{name: getattr(args, name)}).validate())
+        if args.max_new_tokens is not None:
+            _flag("--max-new-tokens", lambda: check_max_new_tokens(args.max_new_tokens))
+        if "" in args.stop:
+            raise Qwen2PureError("--stop: an empty stop string would end every answer before it starts")
+        if args.system is not None and not args.chat:
+            raise Qwen2PureError("--system: a system message needs --chat (the chat template places it)")
+    if cmd == "serve":
+        if not 0 <= args.port <= 65535:
+            raise Qwen2PureError(f"--port: port={args.port} is invalid: it must be in 0..65535")
+        for flag, value, low in (("--slots", args.slots, 1), ("--max-seq-len", args.max_seq_len, 2),
+                                 ("--max-queue", args.max_queue, 0)):  # the engine's bounds
+            _at_least(flag, value, low)
+        _check_listen(args.host, args.port)
+
+
 def _load(args):
     import torch
 
@@ -152,9 +264,7 @@ def _settings(model, overrides: dict) -> dict:
 def _sampling_kwargs(conf: dict, seed: Optional[int]) -> dict:
     from .sampling import SamplingParams
     p = SamplingParams.from_generation_config({k: v for k, v in conf.items() if k != "max_new_tokens"})
-    max_new = conf.get("max_new_tokens")
-    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
-        raise Qwen2PureError(f"max_new_tokens={max_new!r} is invalid: it must be an integer >= 1")
+    max_new = check_max_new_tokens(conf.get("max_new_tokens"))
     return dict(max_new_tokens=max_new, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                 repetition_penalty=p.repetition_penalty, seed=seed)
 
@@ -162,11 +272,6 @@ def _sampling_kwargs(conf: dict, seed: Optional[int]) -> dict:
 def cmd_generate(args) -> int:
     from .generation import stream_text
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    from .sampling import SamplingParams
-    # fail on a bad value before spending minutes loading a large model
-    SamplingParams(**{k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                             min_p=args.min_p, repetition_penalty=args.repetition_penalty).items()
-                      if v is not None}).validate()
     model, tok = _load(args)
     conf = _settings(model, dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -180,8 +285,9 @@ def cmd_generate(args) -> int:
                              **_sampling_kwargs(conf, args.seed)):
         sys.stdout.write(piece)
         sys.stdout.flush()
-    if sys.stdout.isatty():
-        sys.stdout.write("\n")
+    # then one newline, as print() and llama.cpp's llama-cli end: the shell's prompt starts on its own line
+    # (in a terminal, a pager or a log), and a program drops the last character to get the exact text
+    sys.stdout.write("\n")
     return 0
 
 
@@ -457,6 +563,11 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning as one line, like the CLI's errors (not Python's two: location, then source)."""
+    print(f"qwen2-pure: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # LLaMA-Factory's flags go to their own parser, untouched by this one's
@@ -465,7 +576,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
                "inspect": cmd_inspect, "serve": cmd_serve, "train": cmd_train}[args.command]
+    with warnings.catch_warnings():  # restores the caller's showwarning (tests call main() in-process)
+        warnings.showwarning = _show_warning
+        return _run(handler, args)
+
+
+def _run(handler, args) -> int:
     try:
+        if args.command != "train":  # train's values are checked by its own parser
+            check_values(args)
         return handler(args)
     except Qwen2PureError as e:
         print(f"qwen2-pure: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The command line (qwen2_pure/cli.py): `generate`, `chat` (Qwen's cli_demo commands) and `convert`.
+"""The command line (qwen2_pure/cli.py): `generate`, `chat` (Qwen's cli_demo commands) and `convert`, the
+checks of every value before a model loads, and the demo model's sampling defaults in chat, generate and serve.
 
 The model is a tiny random Qwen2 (1 layer, hidden 32) with the real Qwen2.5 tokenizer (151,936 rows), so
 prompts, chat templates and decoding are real. About 130 ordinary English words get large embedding rows
@@ -76,9 +77,14 @@ def api_text(model, tok, prompt: str, *, chat=False, system=None, max_new_tokens
 
 
 def run_main(capsys, *argv):
+    """main() in-process: (status, stdout, stderr). generate's stdout is the text and one newline; the text
+    comes back without it."""
     capsys.readouterr()
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
+    if argv[0] == "generate" and rc == 0:
+        assert out.endswith("\n"), repr(out)
+        out = out[:-1]
     return rc, out, err
 
 
@@ -127,11 +133,13 @@ def test_model_emits_varied_words(loaded):
     assert api_text(model, tok, "Hello") == text
 
 
-def test_generate_stdout_is_only_the_new_text(model_dir, loaded):
+def test_generate_stdout_is_the_new_text_and_a_newline(model_dir, loaded):
+    """Piped or not, stdout ends with one newline (a shell's prompt, a pager, a log start on a new line);
+    the text itself is everything before it."""
     model, tok = loaded
     r = run_cli("generate", "--model", model_dir, "--prompt", "Hello", "--max-new-tokens", 6)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == api_text(model, tok, "Hello", max_new_tokens=6)
+    assert r.stdout == api_text(model, tok, "Hello", max_new_tokens=6) + "\n"
     assert r.stdout.strip()
     assert "Traceback" not in r.stderr
 
@@ -261,6 +269,183 @@ def test_generate_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--prompt", "x", "--top-k", "many"])
     assert e.value.code == 2
+
+
+# ---- every value checked before the model loads ----------------------------------------------------------
+
+def _cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    """A folder that passes read_adapter_config (the weights are never read: nothing loads)."""
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                       "target_modules": ["q_proj"]}))
+    return d
+
+
+BAD_VALUES = [
+    # (command line after the subcommand, the flag the one-line error must name)
+    (["generate", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "-p", "x", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["generate", "-p", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "-p", "x", "--temperature", "nan"], "--temperature"),
+    (["generate", "-p", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "-p", "x", "--top-k", "-1"], "--top-k"),
+    (["generate", "-p", "x", "--min-p", "2"], "--min-p"),
+    (["generate", "-p", "x", "--repetition-penalty", "0"], "--repetition-penalty"),
+    (["generate", "-p", "x", "--seed", str(2 ** 64)], "--seed"),
+    (["generate", "-p", "x", "--threads", "0"], "--threads"),
+    (["generate", "-p", "x", "--dtype", "int3"], "--dtype"),
+    (["generate", "-p", "x", "--device", "warp-drive"], "--device"),
+    (["generate", "-p", "x", "--device", "cuda" if not torch.cuda.is_available() else f"cuda:{_cuda_count()}"],
+     "--device"),
+    (["generate", "-p", "x", "--device", "mps"] if not torch.backends.mps.is_available() else
+     ["generate", "-p", "x", "--device", "xpu:99"], "--device"),
+    (["generate", "-p", "x", "--adapter", "/no/such/adapter"], "--adapter"),
+    (["generate", "-p", "x", "--stop", ""], "--stop"),
+    (["generate", "-p", "x", "--system", "You are a pirate."], "--system"),
+    (["chat", "--seed", str(-2 ** 64)], "--seed"),
+    (["chat", "--dtype", "fp8"], "--dtype"),
+    (["chat", "--adapter", "/no/such/adapter"], "--adapter"),
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--slots", "0"], "--slots"),
+    (["serve", "--max-seq-len", "1"], "--max-seq-len"),
+    (["serve", "--max-queue", "-1"], "--max-queue"),
+    (["export", "--adapter", "/no/such/adapter", "--output", "out"], "--adapter"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_VALUES, ids=[" ".join(a[:1] + a[3:] if a[0] == "generate" else a)
+                                                         for a, _ in BAD_VALUES])
+def test_bad_values_fail_before_loading(capsys, monkeypatch, argv, flag):
+    """One line naming the flag, status 2, and no model (not even the demo's files) touched."""
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the values were checked")
+    monkeypatch.setattr(cli, "_load", no_loading)
+    monkeypatch.setattr(qwen2_pure.loading, "resolve_source", no_loading)
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"qwen2-pure: error: {flag}"), err
+
+
+def test_bad_values_pass_the_good_ones(capsys, monkeypatch, adapter_dir):
+    """The checks accept what they should: every value here is fine, so the command gets as far as loading."""
+    def stop_at_loading(args):
+        raise qwen2_pure.Qwen2PureError("loading")
+    monkeypatch.setattr(cli, "_load", stop_at_loading)
+    for argv in (["generate", "-p", "x", "--max-new-tokens", "1", "--temperature", "0", "--top-p", "1", "--top-k",
+                  "0", "--min-p", "0", "--repetition-penalty", "1.05", "--seed", str(2 ** 64 - 1), "--threads", "1",
+                  "--dtype", "bf16", "--device", "cpu", "--adapter", adapter_dir, "--stop", "\n\n"],
+                 ["generate", "-p", "x", "--chat", "--system", "s", "--seed", str(-2 ** 63), "--dtype", "auto"],
+                 ["chat", "--seed", "0", "--device", "cpu:0"]):
+        capsys.readouterr()
+        assert main([str(a) for a in argv]) == 2
+        assert capsys.readouterr().err.strip() == "qwen2-pure: error: loading", argv
+
+
+def test_serve_port_taken_fails_before_loading(capsys, monkeypatch):
+    import socket
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded before the port was checked"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        capsys.readouterr()
+        rc = main(["serve", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"--port {port}: cannot listen there" in err, err
+
+
+def test_device_without_cuda_is_one_line_subprocess():
+    """The first-hour case: --device cuda on a CPU-only PyTorch, from a real process (no traceback)."""
+    device = "cuda" if not torch.cuda.is_available() else f"cuda:{_cuda_count()}"
+    r = run_cli("generate", "--device", device, "--prompt", "Hello")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qwen2-pure: error: --device") and "CUDA" in lines[0], r.stderr
+
+
+# ---- the demo model's sampling defaults -------------------------------------------------------------------
+
+OFFICIAL = dict(temperature=0.7, top_k=20, top_p=0.8, min_p=0.0, repetition_penalty=1.05)
+
+
+@pytest.fixture
+def fake_demo(monkeypatch, tmp_path, tiny_gguf):
+    """The tiny GGUF standing where the demo GGUF lives in an empty cache, as demo_gguf_path returns it."""
+    from qwen2_pure.loading import demo
+    monkeypatch.setenv("QWEN2_PURE_CACHE", str(tmp_path / "cache"))
+    path = demo.cache_dir() / "qwen2.5-coder-0.5b-instruct.gguf"
+    path.parent.mkdir()
+    shutil.copy(tiny_gguf, path)
+    monkeypatch.setattr(demo, "demo_gguf_path", lambda progress=True: path)
+    return path
+
+
+def test_demo_generation_config_is_the_official_one():
+    """Qwen's generation_config.json of Qwen2.5-Coder-0.5B-Instruct (cited in loading/demo.py), read as
+    transformers reads it: sampling, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05."""
+    from qwen2_pure.loading.demo import GENERATION_CONFIG
+    from qwen2_pure.sampling import SamplingParams
+    assert GENERATION_CONFIG == {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
+                                 "eos_token_id": [151645, 151643], "repetition_penalty": 1.05, "temperature": 0.7,
+                                 "top_p": 0.8, "top_k": 20}
+    assert SamplingParams.from_generation_config(GENERATION_CONFIG) == SamplingParams(**OFFICIAL)
+
+
+def _captured_stream(monkeypatch) -> list[dict]:
+    """Record the keyword arguments front ends pass to generation.stream_text (which still runs)."""
+    calls: list[dict] = []
+    real = generation.stream_text
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+    monkeypatch.setattr(generation, "stream_text", spy)
+    return calls
+
+
+def test_demo_defaults_reach_generate_and_chat(capsys, monkeypatch, fake_demo):
+    calls = _captured_stream(monkeypatch)
+    rc, out, err = run_main(capsys, "generate", "-p", "the", "--max-new-tokens", 3, "--seed", 1)
+    assert rc == 0, err
+    assert {k: calls[-1][k] for k in OFFICIAL} == OFFICIAL
+    # the flags still win over the defaults
+    rc, _, err = run_main(capsys, "generate", "-p", "the", "--max-new-tokens", 3, "--temperature", "0",
+                          "--repetition-penalty", "1")
+    assert rc == 0, err
+    assert calls[-1]["temperature"] == 0 and calls[-1]["repetition_penalty"] == 1
+    loaded = qwen2_pure.load()  # the demo, i.e. the file at fake_demo
+    assert loaded.source == str(fake_demo)
+    rc, out, session = run_chat(loaded.model, loaded.tokenizer, ["Hello", ":conf"])
+    assert {k: calls[-1][k] for k in OFFICIAL} == OFFICIAL
+    for line in ("temperature = 0.7", "top_k = 20", "top_p = 0.8", "repetition_penalty = 1.05", "do_sample = True"):
+        assert line in out, line
+    assert "greedy" not in out
+
+
+def test_demo_defaults_reach_serve(fake_demo):
+    pytest.importorskip("fastapi")
+    from qwen2_pure.sampling import SamplingParams
+    from qwen2_pure.serve.app import create_app
+    loaded = qwen2_pure.load()
+    app = create_app(loaded.model, loaded.tokenizer, slots=1, max_seq_len=32)
+    assert app.state.info.defaults == SamplingParams(**OFFICIAL)
+
+
+def test_other_ggufs_keep_their_own_generation_config(capsys, monkeypatch, tiny_gguf, fake_demo):
+    """Only the demo file gets the demo's defaults: the same bytes elsewhere are a plain GGUF (greedy)."""
+    calls = _captured_stream(monkeypatch)
+    rc, _, err = run_main(capsys, "generate", "-m", tiny_gguf, "-p", "the", "--max-new-tokens", 2)
+    assert rc == 0, err
+    assert calls[-1]["temperature"] == 0 and calls[-1]["repetition_penalty"] == 1.0
 
 
 # ---- chat (in-process) ------------------------------------------------------------------------------------
