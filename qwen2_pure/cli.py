@@ -2,7 +2,7 @@
 
     qwen2-pure chat                                   # the demo model (Qwen2.5-Coder-0.5B-Instruct), on the CPU
     qwen2-pure generate --model DIR_OR_GGUF_OR_ID --prompt "..." [--chat] [--max-new-tokens N] [--seed S]
-    qwen2-pure convert FILE.gguf OUT_DIR
+    qwen2-pure convert FILE.gguf OUT_DIR [--dtype float32|bfloat16|float16]
     qwen2-pure export --model SRC --adapter LORA_DIR --output OUT_DIR [--dtype bf16]   # merge a LoRA adapter
     qwen2-pure inspect Qwen2-7B [--compare Qwen1.5-7B] [--json] [--plot F.png] [--tree]
     qwen2-pure serve [--model SRC] [--port 8000] [--api-key KEY]   # OpenAI-compatible API + web chat
@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", help="input .gguf file")
     conv.add_argument("out_dir", help="output folder (created; must not exist or be empty)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="weight dtype of model.safetensors. float32 (default) holds the dequantized GGUF values "
+                           "exactly. bfloat16 and float16 halve the size but round them (GGUF blocks are f16 scales "
+                           "times small integers, which neither type holds in general): on the demo model 79%% of "
+                           "the weights change in bfloat16 (relative error up to 2^-8), 47%% in float16 (up to "
+                           "2^-11; values below 6e-5 lose more)")
 
     insp = sub.add_parser("inspect", help="parameters, FLOPs, weight and KV-cache bytes of a model (reads no weights)")
     insp.add_argument("source", nargs="?", default=None,
@@ -298,7 +304,7 @@ def cmd_convert(args) -> int:
     target = Path(args.out_dir)
     if target.is_dir() and any(target.iterdir()) and not args.overwrite:  # say --overwrite, not overwrite=True
         raise Qwen2PureError(f"{target}: output folder exists and is not empty; pass --overwrite to replace it")
-    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
+    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -726,6 +726,29 @@ def test_convert_into_nonempty_folder(capsys, tiny_gguf, tmp_path):
     assert (out_dir / "config.json").is_file()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_convert_dtype(capsys, tiny_gguf, tmp_path, dtype):
+    """--dtype writes that dtype (and says so in config.json): the fp32 conversion's values, rounded."""
+    from qwen2_pure.loading.safetensors_io import SafetensorsFile
+    ref, out_dir = tmp_path / "fp32", tmp_path / dtype
+    assert run_main(capsys, "convert", tiny_gguf, ref)[0] == 0
+    rc, out, err = run_main(capsys, "convert", tiny_gguf, out_dir, "--dtype", dtype)
+    assert rc == 0, err
+    assert json.loads((out_dir / "config.json").read_text())["torch_dtype"] == dtype
+    assert json.loads((ref / "config.json").read_text())["torch_dtype"] == "float32"
+    want = getattr(torch, dtype)
+    with SafetensorsFile(ref / "model.safetensors") as a, SafetensorsFile(out_dir / "model.safetensors") as b:
+        assert a.names() == b.names()
+        for name in a.names():
+            assert b.get(name).dtype == want
+            assert torch.equal(b.get(name), a.get(name).to(want)), name
+    assert (out_dir / "model.safetensors").stat().st_size < 0.6 * (ref / "model.safetensors").stat().st_size
+    rc, text, err = run_main(capsys, "generate", "-m", out_dir, "-p", "the", "--max-new-tokens", 3)
+    assert rc == 0, err
+    with pytest.raises(SystemExit):  # argparse's own choices
+        main(["convert", str(tiny_gguf), str(tmp_path / "x"), "--dtype", "int8"])
+
+
 def test_convert_missing_input(capsys, tmp_path):
     rc, out, err = run_main(capsys, "convert", tmp_path / "nope.gguf", tmp_path / "out")
     assert rc == 2

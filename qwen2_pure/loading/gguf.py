@@ -590,19 +590,24 @@ def iter_gguf_tensors(path_or_reader, keep_int4=None) -> Iterator[tuple[str, obj
 # Conversion to an HF folder
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, dtype="float32") -> Path:
     """Dequantize a qwen2 GGUF into an HF-layout folder that transformers loads; returns `out_dir`.
 
-    Writes config.json, model.safetensors (fp32, streamed one tensor at a time), tokenizer.json,
+    dtype: of the written weights (a name or torch dtype; config.json's torch_dtype says which). float32 holds
+    the dequantized values exactly; bfloat16 / float16 halve the file but round most of them (a block's value
+    is an f16 scale times a small integer: more significant bits than either type keeps).
+    Writes config.json, model.safetensors (streamed one tensor at a time), tokenizer.json,
     tokenizer_config.json (with the chat template) and generation_config.json into a temp folder beside
     `out_dir`, then renames it into place: `out_dir` is either absent, the old folder, or complete.
     An existing non-empty `out_dir` is an error unless `overwrite=True`.
     """
     from tqdm.auto import tqdm
 
+    from . import parse_dtype
     from .gguf_tokenizer import gguf_tokenizer_files
     from .safetensors_io import replace_dir, temp_dir_beside, write_safetensors
 
+    dtype = parse_dtype(dtype)
     src, out = Path(gguf_path), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise Qwen2PureError(f"{out}: exists and is not a directory; choose another output folder")
@@ -611,7 +616,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
 
     # Everything that can fail on a bad input is checked before anything is written.
     reader = open_gguf(src)
-    config = gguf_config(reader)
+    config = {**gguf_config(reader), "torch_dtype": str(dtype).replace("torch.", "")}
     plan = _plan(reader)
     tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer_files(reader)
     metadata = {
@@ -639,13 +644,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         def tensors():
             with tqdm(total=len(plan), unit="tensor", desc=f"converting {src.name}", disable=not progress) as bar:
                 for t, hf, shape in plan:
-                    tensor = _dequantize(reader, t, shape)
+                    tensor = _dequantize(reader, t, shape).to(dtype)
                     _release(reader, t)
                     yield hf, tensor
                     del tensor
                     bar.update(1)
 
-        specs = [(hf, torch.float32, shape) for _, hf, shape in plan]
+        specs = [(hf, dtype, shape) for _, hf, shape in plan]
         write_safetensors(tmp / "model.safetensors", specs, tensors(), metadata)
         replace_dir(tmp, out)
     except OSError as e:
