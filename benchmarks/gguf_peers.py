@@ -129,9 +129,21 @@ def make(which=("bf16", "q4_k_m"), log=sys.stderr) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="*", choices=["bf16", "q4_k_m"], default=["bf16", "q4_k_m"])
+    kinds = ("bf16", "q4_k_m")
+    # no choices=: argparse (3.11) checks an empty or default nargs="*" list against them as one value and refuses it
+    ap.add_argument("which", nargs="*", metavar="{bf16,q4_k_m}", help="which files (default: both)")
     args = ap.parse_args()
-    for name, path in make(tuple(args.which or ("bf16", "q4_k_m"))).items():
+    for w in args.which:
+        if w not in kinds:
+            ap.error(f"argument which: invalid choice: {w!r} (choose from {', '.join(map(repr, kinds))})")
+    which = tuple(args.which or kinds)
+    if "q4_k_m" in which:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            ap.error("q4_k_m is made by llama.cpp's quantizer: pip install -e \".[bench]\" (llama-cpp-python), "
+                     "or ask for the bf16 file alone: python benchmarks/gguf_peers.py bf16")
+    for name, path in make(which).items():
         print(f"{name}\t{path}")
 
 
