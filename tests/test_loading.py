@@ -670,3 +670,27 @@ def test_use_mrope_false_is_accepted_and_true_refused():
     assert Qwen2Config.from_dict(d).hidden_size == 3584
     with pytest.raises(q.Qwen2PureError, match="use_mrope"):
         Qwen2Config.from_dict({**d, "use_mrope": True})
+
+
+# ---- convert_gguf in another dtype ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_converted_folder_in_dtype_loads_as_that_dtype(tiny_gguf, tmp_path, dtype):
+    """convert_gguf(dtype=) writes the GGUF's dequantized values cast once; load_model reads that dtype from
+    config.json and gets the same weights as loading the GGUF in that dtype."""
+    from qwen2_pure.loading.gguf import convert_gguf
+    out = convert_gguf(tiny_gguf, tmp_path / dtype, progress=False, dtype=dtype)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
+    folder = q.load_model(out)  # dtype None: config.json's torch_dtype
+    direct = q.load_model(tiny_gguf, dtype=dtype)
+    assert folder.dtype == getattr(torch, dtype)
+    a, b = folder.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_convert_refuses_an_unknown_dtype_before_writing(tiny_gguf, tmp_path):
+    from qwen2_pure.loading.gguf import convert_gguf
+    error(lambda: convert_gguf(tiny_gguf, tmp_path / "out", progress=False, dtype="int8"), "dtype='int8'")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

@@ -93,3 +93,34 @@ def test_lora_training_steps_on_the_real_checkpoint(demo_dir, tmp_path):
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
     assert losses[-1] < losses[0]  # the same 4 examples each step: the adapter fits them
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
+
+
+def test_demo_generation_config_ids_match_the_gguf():
+    """The demo's GENERATION_CONFIG (Qwen's published file) stops and pads on the ids the GGUF itself names."""
+    from qwen2_pure.loading.demo import GENERATION_CONFIG, demo_gguf_path
+    from qwen2_pure.loading.gguf import open_gguf
+    from qwen2_pure.loading.gguf_tokenizer import gguf_tokenizer_files
+    try:
+        path = demo_gguf_path(progress=False)
+    except (ImportError, q.Qwen2PureError) as e:
+        pytest.skip(f"demo checkpoint not available: {e}")
+    ids = gguf_tokenizer_files(open_gguf(path))[2]
+    assert ids and {k: GENERATION_CONFIG[k] for k in ids} == ids
+
+
+def test_demo_loads_from_its_gguf_as_the_converted_folder(demo_dir):
+    """load() without a source reads the GGUF (no converted copy) with the official sampling defaults, and its
+    weights are bit for bit those of the fp32 folder the transformers comparisons above use."""
+    from qwen2_pure.loading.safetensors_io import SafetensorsFile
+    loaded = q.load()
+    assert loaded.source.endswith("qwen2.5-coder-0.5b-instruct.gguf")
+    assert loaded.generation_config.sampling == q.SamplingParams(temperature=0.7, top_k=20, top_p=0.8,
+                                                                  repetition_penalty=1.05)
+    assert loaded.generation_config.eos_token_id == (151645, 151643)
+    assert json.loads((demo_dir / "generation_config.json").read_text()) == loaded.generation_config.raw
+    state = loaded.model.state_dict()
+    with SafetensorsFile(demo_dir / "model.safetensors") as f:
+        assert set(f.names()) == set(state)
+        for name in f.names():
+            assert torch.equal(state[name], f.get(name)), name
+            f.release(name)
