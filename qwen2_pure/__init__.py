@@ -13,9 +13,10 @@ from .errors import Qwen2PureError
 from .generation import generate, stream_generate, stream_text
 from .loading import Loaded, load, load_model, load_tokenizer
 from .model import Qwen2ForCausalLM
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .settings import Settings
 
-__all__ = ["GenerationConfig", "Loaded", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2PureError", "SamplingParams",
+__all__ = ["GenerationConfig", "Loaded", "PromptCache", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2PureError", "SamplingParams",
            "Settings", "generate", "load", "load_model", "load_tokenizer", "stream_generate", "stream_text"]
 __version__ = "0.1.0"

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the model's context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=64,
                      help="requests that may wait for a free slot; beyond that the server answers 429 (default 64)")
+    srv.add_argument("--prompt-cache-mb", type=int, default=512,
+                     help="keys/values of recently finished requests kept to skip recomputing a shared prefix "
+                          "(a system prompt, a chat's history); 0 turns it off (default 512)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -243,22 +246,23 @@ def check_values(args) -> None:
 def _load(args):
     import torch
 
-    from .loading import load_model, load_tokenizer
+    from .loading import load
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None),
-                       quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False))
-    tokenizer = load_tokenizer(args.model)
-    quant = f", {model.quantization} weights" if getattr(model, "quantization", None) else ""
-    print(f"[loaded {model.source} ({str(model.dtype).replace('torch.', '')}{quant}) in {time.perf_counter() - t0:.1f} s]",
-          file=sys.stderr, flush=True)
-    return model, tokenizer
+    # the environment's QWEN2_PURE_* settings are the defaults; --compile turns compilation on
+    loaded = load(args.model, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None),
+                  quantize=getattr(args, "quantize", None), compile=True if getattr(args, "compile", False) else None)
+    quant = f", {loaded.quantization} weights" if loaded.quantization else ""
+    print(f"[loaded {loaded.source} ({str(loaded.model.dtype).replace('torch.', '')}{quant}) in "
+          f"{time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+    args.loaded = loaded
+    return loaded.model, loaded.tokenizer
 
 
 def _settings(model, overrides: dict) -> dict:
     """The generation settings: generation_config.json's sampling keys, then the user's overrides."""
-    conf = {k: v for k, v in getattr(model, "generation_config", {}).items() if k in SAMPLING_KEYS}
+    conf = {k: v for k, v in model.generation_config.raw.items() if k in SAMPLING_KEYS}
     conf.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     conf.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("temperature") is not None:  # asking for a temperature means asking to sample
@@ -287,7 +291,7 @@ def cmd_generate(args) -> int:
                    [{"role": "user", "content": prompt}]
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
     ids = tok.encode(prompt)
-    for piece in stream_text(model, tok, ids, stop=args.stop, stop_token_ids=tok.stop_token_ids,
+    for piece in stream_text(model, tok, ids, stop=args.stop,
                              **_sampling_kwargs(conf, args.seed)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -353,20 +357,24 @@ def parse_conf_value(text: str):
 class ChatSession:
     """Qwen2 cli_demo's loop and commands, reading lines from `input_fn` and writing to `out`."""
 
-    def __init__(self, model, tokenizer, seed: int = 1234, system: Optional[str] = None, out=None, input_fn=input):
-        self.model, self.tok, self.seed, self.system = model, tokenizer, seed, system
+    def __init__(self, model, tokenizer, seed: int = 1234, system: Optional[str] = None, out=None, input_fn=input,
+                 name: str = "qwen2"):
+        self.model, self.tok, self.seed, self.system, self.name = model, tokenizer, seed, system, name
         self.out = out or sys.stdout
         self.input = input_fn
         self.defaults = _settings(model, {})
         self.conf = dict(self.defaults)
         self.history: list[tuple[str, str]] = []
+        from .prompt_cache import PromptCache
+        # the keys/values of the conversation so far: each turn prefills only what is new since the last one
+        self.prompt_cache = PromptCache()
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
         self.out.flush()
 
     def welcome(self) -> None:
-        self.say(f"Welcome to qwen2-pure chat with {os.path.basename(str(self.model.source))}. "
+        self.say(f"Welcome to qwen2-pure chat with {self.name}. "
                  "Type to chat, :h for help, :q to quit.")
 
     def run(self) -> int:
@@ -404,6 +412,7 @@ class ChatSession:
         elif cmd == "clear-history":
             self.say(f"[INFO] All {len(self.history)} history cleared")
             self.history.clear()
+            self.prompt_cache = type(self.prompt_cache)()
         elif cmd == "history":
             width = shutil.get_terminal_size((80, 20)).columns
             self.say(f" History ({len(self.history)}) ".center(width, "="))
@@ -479,7 +488,7 @@ class ChatSession:
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], room)
         self.say("\nQwen: ", end="")
         pieces: list[str] = []
-        stream = stream_text(self.model, self.tok, ids, stop_token_ids=self.tok.stop_token_ids, **kwargs)
+        stream = stream_text(self.model, self.tok, ids, prompt_cache=self.prompt_cache, **kwargs)
         try:
             for piece in stream:
                 pieces.append(piece)
@@ -498,7 +507,7 @@ def cmd_chat(args) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    return ChatSession(model, tok, seed=args.seed, system=args.system).run()
+    return ChatSession(model, tok, seed=args.seed, system=args.system, name=args.loaded.name).run()
 
 
 def cmd_inspect(args) -> int:
@@ -542,13 +551,11 @@ def cmd_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise Qwen2PureError(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen2-pure[serve]\"") from None
-    if not 0 <= args.port <= 65535:
-        raise Qwen2PureError(f"--port {args.port}: must be in 0..65535")
     from .serve.app import serve
     model, tok = _load(args)
     serve(model, tok, host=args.host, port=args.port, api_key=args.api_key or None,
-          model_name=args.served_model_name, slots=args.slots, max_seq_len=args.max_seq_len,
-          max_queue=args.max_queue, log_level=args.log_level)
+          model_name=args.served_model_name or args.loaded.name, slots=args.slots, max_seq_len=args.max_seq_len,
+          max_queue=args.max_queue, log_level=args.log_level, prompt_cache_mb=args.prompt_cache_mb)
     return 0
 
 

@@ -42,6 +42,7 @@ import torch
 
 from .cache import KVCache
 from .errors import Qwen2PureError
+from .prompt_cache import PrefixPool, PromptCache, model_fingerprint
 from .sampling import PenaltyState, SamplingParams, process_logits, sample_next
 
 log = logging.getLogger("qwen2_pure.engine")
@@ -67,6 +68,7 @@ class Sequence:
     stop: Seq[str] = ()
     skip_special_tokens: bool = True
     generator: Optional[torch.Generator] = None
+    prompt_cache: Optional[PromptCache] = None  # reused for the prompt's prefix, then updated (qwen2_pure.prompt_cache)
     id: str = ""
     # state, written by the engine
     tokens: list[int] = field(default_factory=list)  # generated ids (the stop token included)
@@ -116,6 +118,8 @@ class _Row:
             self.text = TextStream(engine.tokenizer, skip_special_tokens=seq.skip_special_tokens, stop=list(seq.stop))
         self.length = len(seq.prompt)  # this sequence's tokens in the cache
         self.start = 0  # the slot of its first token
+        self.reused = 0  # leading prompt tokens whose keys/values came from a prompt cache
+        self.source: Optional[PromptCache] = None  # that cache
         self.next_token = -1  # the sampled token the next decode step feeds
 
     def sampling_key(self):
@@ -131,11 +135,16 @@ class Engine:
     model: a Qwen2ForCausalLM. max_batch: rows of the cache. max_seq_len: slots per row, the most prompt +
     new tokens a sequence may have (default: the model's context). tokenizer: makes each step's text and
     honours stop strings (None: tokens only). stop_ids: the default stop ids (None: the model's
-    generation_config eos ids).
+    generation_config eos ids). prefix_pool: where finished sequences leave their keys/values and new ones
+    look for a shared prefix (`qwen2_pure.prompt_cache.PrefixPool`; None: only a sequence's own
+    `prompt_cache` is reused). speculator: a proposer of `qwen2_pure.speculative` (PromptLookup, DraftModel):
+    while exactly one sequence runs, each step verifies its guesses in one forward and may emit several
+    tokens (one StepOutput each); with more rows, plain steps.
     """
 
     def __init__(self, model, *, max_batch: int, max_seq_len: Optional[int] = None, tokenizer=None,
-                 stop_ids: Optional[Seq[int]] = None):
+                 stop_ids: Optional[Seq[int]] = None, prefix_pool: Optional[PrefixPool] = None,
+                 speculator=None):
         cfg = model.config
         context = cfg.max_position_embeddings
         max_seq_len = context if max_seq_len is None else max_seq_len
@@ -156,11 +165,15 @@ class Engine:
         self.mask = torch.zeros((max_batch, max_seq_len), dtype=torch.long, device=self.device)
         self.rows: list[_Row] = []
         self.t = 0  # the next cache slot on the shared time axis
+        self.speculator = speculator
         self.step_fn = None
         if model.settings.compile:
             from .fast import decode_step_for
             self.step_fn = decode_step_for(model)
-        self.stats = {"steps": 0, "tokens": 0, "compactions": 0, "max_batch": 0, "prefill_tokens": 0}
+        self.prefix_pool = prefix_pool
+        self.fingerprint = model_fingerprint(model)
+        self.stats = {"steps": 0, "tokens": 0, "compactions": 0, "max_batch": 0, "prefill_tokens": 0,
+                      "prefix_hits": 0, "prefix_tokens_reused": 0}
 
     # ---- admission ------------------------------------------------------------------------------------------
 
@@ -204,6 +217,9 @@ class Engine:
                 outputs.append(self._fail_new(seq, e))
         if not rows:
             return outputs
+        for r in rows:
+            self._find_prefix(r)
+        rows.sort(key=lambda r: r.reused > 0)  # rows computed from scratch first: they share one forward
         longest = max(r.length for r in rows)
         if self.t >= self.max_seq_len:
             self._compact()
@@ -215,23 +231,48 @@ class Engine:
             r.start = t - r.length
             self.mask[lo + j] = 0
             self.mask[lo + j, r.start:t] = 1
+            if r.reused:  # the prefix's keys/values go to the row's first slots; the prefill computes the rest
+                src = r.source
+                self.cache.k[:, lo + j, :, r.start:r.start + r.reused] = src.k[:, :, :r.reused]
+                self.cache.v[:, lo + j, :, r.start:r.start + r.reused] = src.v[:, :, :r.reused]
         self.rows.extend(rows)
         self.t = t
-        self.stats["prefill_tokens"] += sum(r.length for r in rows)
-        indices = list(range(lo, lo + len(rows)))
-        logits, failed = self._forward_isolated(indices, self._prefill_logits)
-        return outputs + self._finish_step(indices, logits, failed)
+        self.stats["prefill_tokens"] += sum(r.length - r.reused for r in rows)
+        # one forward for the rows without a prefix; each row with one alone (the left padding of a shared
+        # forward would overwrite its copied slots)
+        fresh = [lo + j for j, r in enumerate(rows) if not r.reused]
+        groups = ([fresh] if fresh else []) + [[lo + j] for j, r in enumerate(rows) if r.reused]
+        indices, parts, failed = [], [], {}
+        for group in groups:  # every forward first: finishing a row moves rows, which would shift the indices
+            logits, group_failed = self._forward_isolated(group, self._prefill_logits)
+            if logits is None:
+                logits = torch.full((len(group), self.vocab_size), float("nan"), device=self.device)
+            failed.update({len(indices) + j: message for j, message in group_failed.items()})
+            indices += group
+            parts.append(logits)
+        return outputs + self._finish_step(indices, torch.cat(parts), failed)
+
+    def _find_prefix(self, r: _Row) -> None:
+        """Where this row's prompt prefix comes from: its own prompt cache, else the pool's best entry."""
+        own = r.seq.prompt_cache
+        if own is not None and own.usable_for(self.model):
+            r.source, r.reused = own, own.reusable(r.seq.prompt)
+        elif self.prefix_pool is not None:
+            r.source, r.reused = self.prefix_pool.lookup(r.seq.prompt)
+        if r.reused:
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens_reused"] += r.reused
 
     def _prefill_logits(self, indices: list[int]) -> torch.Tensor:
         rows = [self.rows[i] for i in indices]
         t = self.t
-        width = max(r.length for r in rows)
+        width = max(r.length - r.reused for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):  # left padding: the prompt ends at slot t - 1, RoPE positions 0..n-1
-            n = r.length
-            ids[j, width - n:] = torch.tensor(r.seq.prompt, dtype=torch.long)
-            pos[j, width - n:] = torch.arange(n)
+            n = r.length - r.reused  # the tokens computed here: all but the reused prefix
+            ids[j, width - n:] = torch.tensor(r.seq.prompt[r.reused:], dtype=torch.long)
+            pos[j, width - n:] = torch.arange(r.reused, r.length)
         lo, hi = indices[0], indices[-1] + 1
         assert indices == list(range(lo, hi))
         mask = None if self._dense(rows) else self.mask[lo:hi, :t]
@@ -248,6 +289,11 @@ class Engine:
             return []
         if self.t >= self.max_seq_len or (self.t >= COMPACT_FROM and 2 * max(r.length for r in self.rows) < self.t):
             self._compact()
+        if self.speculator is not None and len(self.rows) == 1:
+            from .speculative import speculative_step
+            outputs = speculative_step(self, self.rows[0], self.speculator)
+            if outputs is not None:  # None: no guess this time, a plain step
+                return outputs
         n, t = len(self.rows), self.t
         self.mask[:n, t] = 1
         self.t = t + 1
@@ -312,9 +358,24 @@ class Engine:
                 out = StepOutput(seq, error=seq.error, finish_reason="error")
             if out.finish_reason is not None:
                 ended.append(i)
+                if out.error is None:
+                    self._keep_prefix(i, r)
             outputs.append(out)
         self._drop(ended)
         return outputs
+
+    def _keep_prefix(self, i: int, r: _Row) -> None:
+        """A finished sequence's keys/values (prompt + answer but the last token, which was never fed) go to
+        its prompt cache, and to the pool."""
+        if r.seq.prompt_cache is None and self.prefix_pool is None:
+            return
+        tokens = r.seq.prompt + r.seq.tokens[:r.length - len(r.seq.prompt)]
+        window = slice(r.start, r.start + r.length)
+        k, v = self.cache.k[:, i, :, window].clone(), self.cache.v[:, i, :, window].clone()  # (L, H_kv, n, D)
+        if r.seq.prompt_cache is not None:
+            r.seq.prompt_cache.update(tokens, k, v, self.fingerprint)
+        if self.prefix_pool is not None:
+            self.prefix_pool.add(PromptCache(tokens, k, v, self.fingerprint))
 
     def _sample(self, rows: list[_Row], logits: Optional[torch.Tensor], failed: dict):
         """One token per row; rows with equal sampling parameters share one call; a failing group is retried

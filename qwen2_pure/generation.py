@@ -17,6 +17,7 @@ import torch
 from .engine import Engine
 from .engine import Sequence as EngineSequence
 from .errors import Qwen2PureError
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams, make_generators
 
 
@@ -43,16 +44,23 @@ def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int)
                                  "tokens (max_position_embeddings) less one for the answer")
 
 
-def _sequences(model, prompts, *, max_new_tokens, seed, stop_token_ids, stop=(), **sampling):
-    """The engine sequences of one `generate` call, and an engine sized for them."""
+def _sequences(model, prompts, *, max_new_tokens, seed, stop_token_ids, stop=(), prompt_cache=None, **sampling):
+    """The engine sequences of one `generate` call, and the cache length they need."""
     params = SamplingParams(**sampling).validate()
     _check_prompts(model, prompts, max_new_tokens)
     longest = max(len(p) for p in prompts)
     max_new = min(max_new_tokens, model.config.max_position_embeddings - longest)  # generation ends at the context
     generators = make_generators(seed, len(prompts)) if not params.greedy else None
     stop_ids = default_stop_ids(model) if stop_token_ids is None else [int(t) for t in stop_token_ids]
+    caches = prompt_cache if isinstance(prompt_cache, (list, tuple)) else [prompt_cache] * len(prompts)
+    if len(caches) != len(prompts) or (prompt_cache is not None and len(prompts) > 1
+                                       and not isinstance(prompt_cache, (list, tuple))):
+        raise Qwen2PureError("prompt_cache: give one PromptCache per prompt (a list), or one for a single prompt")
+    if not all(c is None or isinstance(c, PromptCache) for c in caches):
+        raise Qwen2PureError("prompt_cache must be a qwen2_pure.PromptCache (or a list of them, one per prompt)")
     seqs = [EngineSequence(prompt=list(p), params=params, max_new_tokens=max_new, stop_token_ids=stop_ids,
-                           stop=stop, generator=None if generators is None else generators[i], id=f"prompt {i}")
+                           stop=stop, generator=None if generators is None else generators[i], id=f"prompt {i}",
+                           prompt_cache=caches[i])
             for i, p in enumerate(prompts)]
     return seqs, longest + max_new
 
@@ -67,7 +75,8 @@ def _raise_if_failed(outputs) -> None:
 def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
-                    stop_token_ids: Optional[Sequence[int]] = None) -> Iterator[list[Optional[int]]]:
+                    stop_token_ids: Optional[Sequence[int]] = None,
+                    prompt_cache=None) -> Iterator[list[Optional[int]]]:
     """Yield, at each step, [new token of prompt i, or None if prompt i has stopped] for every prompt.
 
     A prompt stops after emitting one of `stop_token_ids` (None: the model's eos ids; []: never) or
@@ -75,12 +84,16 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     transformers' order (repetition penalty, temperature, top-k, top-p, min-p); temperature 0 (or below
     1e-5, vLLM's rule) is greedy. With a seed, each prompt draws from its own generator, so results are
     reproducible and a prompt's tokens do not depend on the other prompts of the batch.
+    prompt_cache: a `PromptCache` (one prompt) or a list of them (one per prompt): the longest prefix a
+    prompt shares with its cache is not recomputed, and the cache then holds that prompt and its answer
+    (`qwen2_pure.prompt_cache`; the chat command reuses one this way from turn to turn).
     Raises `Qwen2PureError` naming the argument at fault, or the prompt whose generation failed.
     """
     seqs, max_len = _sequences(model, prompts, max_new_tokens=max_new_tokens, seed=seed,
                                stop_token_ids=stop_token_ids, temperature=temperature, top_k=top_k, top_p=top_p,
                                min_p=min_p, repetition_penalty=repetition_penalty,
-                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                               prompt_cache=prompt_cache)
     engine = Engine(model, max_batch=len(seqs), max_seq_len=max_len)
     outputs = engine.add(seqs)
     while True:

@@ -11,6 +11,9 @@ what a server needs on top:
 - **A thread.** The loop runs in a daemon thread; requests come in through `submit` from any thread, results go
   out through each request's `on_event` callback, called from the engine thread (the web app forwards it to
   an asyncio queue).
+- **Prompt cache.** Finished requests leave their keys/values in a bounded pool (`prompt_cache_mb`); a new
+  request whose prompt shares a prefix of at least 16 tokens with one of them copies those instead of
+  recomputing them (`qwen2_pure.prompt_cache`). `stats["prefix_hits"]` counts the hits.
 - **Disconnects.** `cancel` removes a request from the queue, or frees its row before the next step.
 - **Faults.** A failure caused by one request's inputs ends that request only, with its own error event (the
   engine isolates rows); only a bug in the loop itself stops the thread, and then every client is told.
@@ -36,6 +39,7 @@ import torch
 from ..engine import Engine as GenerationEngine
 from ..engine import Sequence
 from ..errors import Qwen2PureError
+from ..prompt_cache import PrefixPool
 from ..sampling import SamplingParams
 
 log = logging.getLogger("qwen2_pure.serve")
@@ -44,6 +48,7 @@ DEFAULT_SLOTS = 16
 DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_PREFILL_BUDGET = 2048
+DEFAULT_PROMPT_CACHE_MB = 512  # keys/values of recently finished requests kept for prefix reuse
 
 
 class QueueFull(Qwen2PureError):
@@ -92,17 +97,23 @@ class Engine:
     slots: rows of the KV cache, i.e. requests decoded together; max_seq_len (T): cache slots per row, the
     longest prompt + answer a request may have (default: the model's context, capped at 4096); max_queue:
     requests that may wait for a row before `submit` raises `QueueFull`; prefill_budget: prompt tokens admitted
-    per step.
+    per step; prompt_cache_mb: the keys/values of recently finished requests kept so that a request sharing a
+    prefix with one of them (a system prompt, a chat's history) does not recompute it (0 turns it off).
     """
 
     def __init__(self, model, tokenizer, *, slots: int = DEFAULT_SLOTS, max_seq_len: Optional[int] = None,
-                 max_queue: int = DEFAULT_MAX_QUEUE, prefill_budget: int = DEFAULT_PREFILL_BUDGET):
+                 max_queue: int = DEFAULT_MAX_QUEUE, prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+                 prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB):
         if max_seq_len is None:
             max_seq_len = min(model.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         for name, value, low in (("slots", slots, 1), ("max_queue", max_queue, 0), ("prefill_budget", prefill_budget, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise Qwen2PureError(f"{name}={value!r} is invalid: it must be an integer >= {low}")
-        self.core = GenerationEngine(model, max_batch=slots, max_seq_len=max_seq_len, tokenizer=tokenizer)
+        if not isinstance(prompt_cache_mb, int) or isinstance(prompt_cache_mb, bool) or prompt_cache_mb < 0:
+            raise Qwen2PureError(f"prompt_cache_mb={prompt_cache_mb!r} is invalid: it must be an integer >= 0")
+        pool = PrefixPool(prompt_cache_mb << 20) if prompt_cache_mb else None
+        self.core = GenerationEngine(model, max_batch=slots, max_seq_len=max_seq_len, tokenizer=tokenizer,
+                                     prefix_pool=pool)
         self.model, self.tokenizer = model, tokenizer
         self.slots, self.max_seq_len, self.max_queue, self.prefill_budget = slots, max_seq_len, max_queue, \
             prefill_budget
