@@ -56,6 +56,20 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
 
 
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (while one answer runs; greedy answers stay the same, sampled "
+                             "ones follow the same distribution)")
+    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="guess up to N tokens a step by copying what followed the last two tokens earlier in the "
+                        "text; the model checks them in one forward (fast when the answer repeats the prompt, as "
+                        "code edits do)")
+    g.add_argument("--draft-model", default=None, metavar="SRC",
+                   help="a smaller model of the same tokenizer (folder, .gguf, modelscope id, or 'demo') that "
+                        "guesses tokens for the model to check; loaded with the same --dtype, --device, --quantize")
+    g.add_argument("--draft-tokens", type=int, default=5, metavar="N",
+                   help="tokens --draft-model guesses a step (default 5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2-pure", description="Qwen2 / Qwen2.5 in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter folder to apply")
     _add_sampling_args(gen)
+    _add_speculative_args(gen)
 
     chat = sub.add_parser("chat", help="interactive chat, like Qwen2's cli_demo")
     _add_model_args(chat)
+    _add_speculative_args(chat)
     chat.add_argument("--seed", "-s", type=int, default=1234, help="random seed, reset before every answer")
     chat.add_argument("--system", default=None, help="system message (default: the template's own)")
     chat.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter folder to apply")
@@ -114,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page (needs the serve extra)")
     _add_model_args(srv)
+    _add_speculative_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     srv.add_argument("--api-key", default=os.environ.get("QWEN2_PURE_API_KEY"),
@@ -213,6 +230,11 @@ def check_values(args) -> None:
     """Check every value of the command line; raise a Qwen2PureError naming the flag at fault."""
     cmd = args.command
     _at_least("--threads", getattr(args, "threads", None), 1)
+    if cmd in ("generate", "chat", "serve"):
+        _at_least("--prompt-lookup", args.prompt_lookup, 1)
+        _at_least("--draft-tokens", args.draft_tokens, 1)
+        if args.prompt_lookup is not None and args.draft_model is not None:
+            raise Qwen2PureError("--prompt-lookup and --draft-model are two ways of guessing tokens: give one")
     if getattr(args, "device", None) is not None:
         _flag("--device", lambda: check_device(args.device))
     if cmd in ("generate", "chat", "serve", "export"):
@@ -260,6 +282,26 @@ def _load(args):
     return loaded.model, loaded.tokenizer
 
 
+def _speculation(args, tokenizer) -> dict:
+    """stream_text's speculative arguments for --prompt-lookup / --draft-model (the draft is loaded here, like
+    the model, and must encode text as the model's tokenizer does)."""
+    from .speculative import DraftModel
+    if args.prompt_lookup is not None:
+        return {"prompt_lookup_num_tokens": args.prompt_lookup}
+    if args.draft_model is None:
+        return {}
+    from .loading import load
+    source = None if args.draft_model == "demo" and not os.path.exists("demo") else args.draft_model
+    t0 = time.perf_counter()
+    draft = load(source, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    probe = "def main():\n    print('h\u00e9llo, \u4e16\u754c')  # 0.5 + 1e-3<|im_end|>"
+    if draft.tokenizer.encode(probe) != tokenizer.encode(probe):
+        raise Qwen2PureError(f"--draft-model {args.draft_model}: its tokenizer encodes text differently from the "
+                             "model's; a draft model must share the model's tokenizer")
+    print(f"[loaded draft {draft.source} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+    return {"assistant_model": DraftModel(draft.model, args.draft_tokens)}
+
+
 def _settings(model, overrides: dict) -> dict:
     """The generation settings: generation_config.json's sampling keys, then the user's overrides."""
     conf = {k: v for k, v in model.generation_config.raw.items() if k in SAMPLING_KEYS}
@@ -291,7 +333,7 @@ def cmd_generate(args) -> int:
                    [{"role": "user", "content": prompt}]
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
     ids = tok.encode(prompt)
-    for piece in stream_text(model, tok, ids, stop=args.stop,
+    for piece in stream_text(model, tok, ids, stop=args.stop, **_speculation(args, tok),
                              **_sampling_kwargs(conf, args.seed)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -358,13 +400,14 @@ class ChatSession:
     """Qwen2 cli_demo's loop and commands, reading lines from `input_fn` and writing to `out`."""
 
     def __init__(self, model, tokenizer, seed: int = 1234, system: Optional[str] = None, out=None, input_fn=input,
-                 name: str = "qwen2"):
+                 name: str = "qwen2", speculation: Optional[dict] = None):
         self.model, self.tok, self.seed, self.system, self.name = model, tokenizer, seed, system, name
         self.out = out or sys.stdout
         self.input = input_fn
         self.defaults = _settings(model, {})
         self.conf = dict(self.defaults)
         self.history: list[tuple[str, str]] = []
+        self.speculation = speculation or {}  # stream_text's speculative arguments (--prompt-lookup, --draft-model)
         from .prompt_cache import PromptCache
         # the keys/values of the conversation so far: each turn prefills only what is new since the last one
         self.prompt_cache = PromptCache()
@@ -488,7 +531,7 @@ class ChatSession:
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], room)
         self.say("\nQwen: ", end="")
         pieces: list[str] = []
-        stream = stream_text(self.model, self.tok, ids, prompt_cache=self.prompt_cache, **kwargs)
+        stream = stream_text(self.model, self.tok, ids, prompt_cache=self.prompt_cache, **self.speculation, **kwargs)
         try:
             for piece in stream:
                 pieces.append(piece)
@@ -507,16 +550,14 @@ def cmd_chat(args) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    return ChatSession(model, tok, seed=args.seed, system=args.system, name=args.loaded.name).run()
+    return ChatSession(model, tok, seed=args.seed, system=args.system, name=args.loaded.name,
+                       speculation=_speculation(args, tok)).run()
 
 
 def cmd_inspect(args) -> int:
     from . import inspect as insp
-    from .presets import PRESETS
     if args.list:
-        for name, preset in PRESETS.items():
-            print(f"{name:<26}{preset['model_type']:<11}{preset['max_position_embeddings']:>7} ctx  "
-                  f"{preset['_provenance'][:80]}")
+        print(insp.format_preset_list())
         return 0
     if args.compare is None:
         if args.source is None:
@@ -552,10 +593,12 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise Qwen2PureError(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen2-pure[serve]\"") from None
     from .serve.app import serve
+    from .speculative import make_speculator
     model, tok = _load(args)
     serve(model, tok, host=args.host, port=args.port, api_key=args.api_key or None,
           model_name=args.served_model_name or args.loaded.name, slots=args.slots, max_seq_len=args.max_seq_len,
-          max_queue=args.max_queue, log_level=args.log_level, prompt_cache_mb=args.prompt_cache_mb)
+          max_queue=args.max_queue, log_level=args.log_level, prompt_cache_mb=args.prompt_cache_mb,
+          speculator=make_speculator(**_speculation(args, tok)))
     return 0
 
 
