@@ -1,4 +1,4 @@
-"""Reading and writing the safetensors format, memory-mapped and strict.
+"""The safetensors format, memory-mapped and strict, and files and folders written atomically.
 
 Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes of
 JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the raw
@@ -9,6 +9,11 @@ We parse the header ourselves instead of calling `safetensors.safe_open` for two
   shape) becomes an error naming the file and the tensor, before any data is touched;
 - a tensor is a zero-copy view of the memory map; once the loader has copied it into the model we
   `madvise(DONTNEED)` its pages, so the page cache never adds a second copy of the weights to RSS.
+
+Every writer here is atomic: a reader sees the old file (or folder) or the whole new one. `write_folder` is the
+one way a folder is written — a model converted from a GGUF, a merged LoRA export, a training checkpoint.
+This module sits below everything that reads or writes checkpoints (loading, LoRA adapters, training) and
+imports nothing of the package but its errors.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import math
 import mmap
 import os
 import secrets
+import shutil
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 
-from ..errors import Qwen2PureError
+from .errors import Qwen2PureError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -213,7 +219,6 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     Writers build a whole folder (a converted model, a merged export, a training checkpoint) in a temp
     folder beside its final place, then call this: readers see the old folder or the complete new one.
     """
-    import shutil
     tmp, out = Path(tmp), Path(out)
     if not out.exists():
         os.replace(tmp, out)
@@ -231,3 +236,57 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# what `write_folder` writes under a file name: text, bytes, JSON (a dict or list), a copy of an existing
+# file (a path), or a function that writes the file at the path it is given (a safetensors stream, torch.save)
+FileContent = Union[str, bytes, dict, list, os.PathLike, Callable[[Path], None]]
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`out` as a Path, if a folder may be written there: absent, an empty folder, or (with `overwrite`) any
+    folder. Writers call it before their slow part, so a refusal comes before minutes of work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise Qwen2PureError(f"{out}: exists and is not a directory; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise Qwen2PureError(f"{out}: output folder exists and is not empty; pass overwrite=True (--overwrite) "
+                             "to replace it")
+    return out
+
+
+def write_folder(out: str | os.PathLike, files: Mapping[str, FileContent], *, overwrite: bool = False,
+                 what: str = "folder") -> Path:
+    """Write `files` ({name: content}, see `FileContent`) as the folder `out`, atomically; returns `out`.
+
+    The files are written, in order, into a temp folder beside `out`, which then replaces it (`replace_dir`):
+    `out` is absent, the old folder or the complete new one, never a part. An existing non-empty `out` is an
+    error unless `overwrite`. A failure to write is a `Qwen2PureError` naming `out` and `what` was written;
+    the temp folder is removed whatever happens.
+    """
+    out = check_output_dir(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Qwen2PureError(f"{out.parent}: cannot create the parent folder of the {what} ({e})") from None
+    tmp = temp_dir_beside(out)
+    try:
+        for name, content in files.items():
+            path = tmp / name
+            if isinstance(content, str):
+                path.write_text(content, encoding="utf-8")
+            elif isinstance(content, bytes):
+                path.write_bytes(content)
+            elif isinstance(content, (dict, list)):
+                path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            elif isinstance(content, os.PathLike):
+                shutil.copyfile(content, path)  # the copy gets an ordinary new file's mode, not the source's
+            else:
+                content(path)
+        replace_dir(tmp, out)
+    except OSError as e:
+        raise Qwen2PureError(f"{out}: cannot write the {what} ({e})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
