@@ -2,6 +2,7 @@
 
     model = q.load_model(path, quantize="int8")      # or "int4"; quantized tensor by tensor while loading
     quantize_model(model, "int4")                      # or after loading a float model
+    quantization_of(model)                             # "int4": read off the layers, nothing is attached
 
 Only the weights are quantized; activations, the KV cache, norms, the embedding table and the q/k/v
 biases keep the model's dtype. Matrix products run on PyTorch's own CPU kernels for packed weights:
@@ -237,8 +238,15 @@ def replace_linears(model: nn.Module, mode: str, make, group_size: int = GROUP_S
             layer = make(module, mode_for(name, module, mode, model.config.num_hidden_layers, group_size))
             setattr(model.get_submodule(parent) if parent else model, attr, layer)
             swapped[name] = layer
-    model.quantization = mode
     return swapped
+
+
+def quantization_of(model: nn.Module) -> Optional[str]:
+    """How the model's linear layers are quantized, read off the layers: "int4" when any layer holds int4
+    weights (int4 mode keeps a few at int8, see `mode_for`), "int8" when all quantized ones are int8, None when
+    none is quantized."""
+    modes = {m.mode for m in model.modules() if isinstance(m, QuantLinear)}
+    return "int4" if "int4" in modes else "int8" if modes else None
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import qwen2_pure as q
 from hf_utils import make_hf_checkpoint
-from qwen2_pure.quant import QuantLinear, quantize_int4, quantize_int8, quantize_model
+from qwen2_pure.quant import QuantLinear, quantization_of, quantize_int4, quantize_int8, quantize_model
 
 
 @pytest.fixture(autouse=True)
@@ -78,9 +78,12 @@ def ckpt(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantize_while_loading_equals_quantizing_after(ckpt, mode):
     x = torch.randint(0, 250, (2, 21))
-    loaded = q.load_model(ckpt, dtype="float32", quantize=mode)
+    result = q.load(ckpt, dtype="float32", quantize=mode, tokenizer=False)
+    loaded = result.model
     after = quantize_model(q.load_model(ckpt, dtype="float32"), mode)
-    assert loaded.quantization == after.quantization == mode
+    # read off the layers; nothing is attached to the model
+    assert result.quantization == quantization_of(loaded) == quantization_of(after) == mode
+    assert not hasattr(loaded, "quantization") and quantization_of(q.load_model(ckpt)) is None
     torch.testing.assert_close(loaded(x), after(x), rtol=0, atol=0)
     layer = loaded.model.layers[0]
     for name in ("q_proj", "k_proj", "o_proj"):
