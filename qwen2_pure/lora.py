@@ -21,6 +21,11 @@ The wrapper keeps the base layer's `weight` and `bias` as its own parameters, so
     save_adapter(model, "out")                     # adapter_model.safetensors + adapter_config.json
     model = load_model(src, adapter="out")         # or load_adapter(model, "out"); peft's adapters too
     merge_lora(model)                              # W += B A scaling; back to plain nn.Linear
+
+adapter_config.json is read off the LoRA layers when an adapter is saved (`adapter_config`): the layers are the
+one record of what is wrapped, with which rank, alpha, dropout and scaling; nothing is attached to the model.
+Loading sits above this module (`qwen2_pure.loading` applies adapters; `qwen2_pure.loading.export` merges and
+writes a model folder); this module imports nothing of it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import json
 import math
 import os
 import re
-import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -39,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import Qwen2PureError, read_json_object
+from .model import Qwen2ForCausalLM
+from .safetensors_io import SafetensorsFile, atomic_write_text, write_safetensors
 
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model: peft's prefix on every saved key
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,7 +74,7 @@ class LoraLinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        self.r, self.lora_alpha, self.lora_dropout_p, self.use_rslora = r, alpha, dropout, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         device = base.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=LORA_DTYPE)
@@ -179,19 +186,45 @@ def _wrap(model: nn.Module, targets: Targets, r: int, alpha: float, dropout: flo
     return [n for n, _ in chosen]
 
 
-def _portable_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslora: bool,
-                     base_model_name_or_path=None, rank_pattern=None, alpha_pattern=None,
-                     layers_to_transform=None, layers_pattern=None) -> dict:
-    """adapter_config.json with only the keys every peft since 0.10 accepts (see the reference, section 2.1)."""
+def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
+    """peft's `target_modules` for exactly the `wrapped` module names: their last components (["q_proj",
+    "v_proj"]) when those select no other module, else the full names (e.g. when only some layers are wrapped)."""
+    leaves = sorted({n.rpartition(".")[2] for n in wrapped})
+    selected = {n for n, _ in model.named_modules() if n and _is_target(n, leaves)}
+    return leaves if selected == set(wrapped) else sorted(wrapped)
+
+
+def _most_common(values: list):
+    return Counter(values).most_common(1)[0][0]
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
+    """adapter_config.json of the model's LoRA layers, read off the layers themselves, with only the keys every
+    peft since 0.10 accepts (see the reference, section 2.1).
+
+    target_modules name exactly the wrapped modules (`_target_modules`); r and lora_alpha are the values most
+    layers have, the others go to rank_pattern / alpha_pattern under their full module names (peft matches a
+    pattern key against the end of a module name).
+    """
+    layers = lora_modules(model)
+    if not layers:
+        raise Qwen2PureError("the model has no LoRA layers (apply_lora or load_adapter first)")
+    for attr in ("lora_dropout_p", "use_rslora"):
+        if len({getattr(m, attr) for m in layers.values()}) > 1:
+            raise Qwen2PureError(f"the LoRA layers differ in {attr}, which adapter_config.json holds once")
+    first = next(iter(layers.values()))
+    r = _most_common([m.r for m in layers.values()])
+    alpha = _most_common([m.lora_alpha for m in layers.values()])
     return {
-        "alpha_pattern": dict(alpha_pattern or {}), "auto_mapping": None,
+        "alpha_pattern": {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha}, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "layer_replication": None,
-        "layers_pattern": layers_pattern, "layers_to_transform": layers_to_transform, "loftq_config": {},
-        "lora_alpha": alpha, "lora_dropout": dropout, "megatron_config": None, "megatron_core": "megatron.core",
-        "modules_to_save": None, "peft_type": "LORA", "r": r, "rank_pattern": dict(rank_pattern or {}),
-        "revision": None, "target_modules": targets if isinstance(targets, str) else sorted(set(targets)),
-        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": use_rslora,
+        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": alpha, "lora_dropout": first.lora_dropout_p, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA", "r": r,
+        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r}, "revision": None,
+        "target_modules": _target_modules(model, list(layers)), "task_type": "CAUSAL_LM", "use_dora": False,
+        "use_rslora": first.use_rslora,
     }
 
 
@@ -201,14 +234,12 @@ def apply_lora(model: nn.Module, targets: Targets = ("q_proj", "v_proj"), r: int
 
     targets: module names as peft matches them (a list: exact name or last components, e.g. "q_proj";
     a string: a regex `fullmatch`ed on the full name, e.g. r".*\\.(q|v)_proj"), "all" for every linear layer
-    of the decoder blocks, or LLaMA-Factory's comma form "q_proj,v_proj". Returns `model` (changed in place),
-    with `model.lora_config` holding the adapter_config.json that `save_adapter` writes.
+    of the decoder blocks, or LLaMA-Factory's comma form "q_proj,v_proj". Returns `model` (changed in place).
     """
     targets = _resolve_targets(targets)
     for p in model.parameters():
         p.requires_grad_(False)
     _wrap(model, targets, r, alpha, dropout, use_rslora)
-    model.lora_config = _portable_config(targets, r, alpha, dropout, use_rslora, getattr(model, "source", None))
     return model
 
 
@@ -225,23 +256,28 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                  base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write `adapter_model.safetensors` and `adapter_config.json` into `directory` (created), each atomically
-    (a reader sees the old file or the whole new one); `PeftModel.from_pretrained` loads the result."""
-    from .loading.safetensors_io import atomic_write_text, write_safetensors
+    """Write `adapter_model.safetensors` and `adapter_config.json` (`adapter_config`) into `directory` (created),
+    each atomically (a reader sees the old file or the whole new one); `PeftModel.from_pretrained` loads the
+    result. base_model_name_or_path: what the config names as the base (peft's key; None leaves it empty)."""
     if not lora_modules(model):
         raise Qwen2PureError("save_adapter: the model has no LoRA layers (apply_lora or load_adapter first)")
-    config = dict(getattr(model, "lora_config", None) or {})
-    if not config:
-        raise Qwen2PureError("save_adapter: the model has LoRA layers but no lora_config (use apply_lora)")
-    if base_model_name_or_path is not None:
-        config["base_model_name_or_path"] = str(base_model_name_or_path)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    for name, write in adapter_files(model, base_model_name_or_path).items():
+        write(out / name)
+    return out
+
+
+def adapter_files(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
+    """{file name: a function writing it atomically at the path it is given}: the two files of a peft adapter,
+    for `save_adapter` and for folder writers (`qwen2_pure.safetensors_io.write_folder`, training checkpoints)."""
+    config = adapter_config(model, None if base_model_name_or_path is None else str(base_model_name_or_path))
     tensors = lora_state_dict(model)
     specs = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-    write_safetensors(out / ADAPTER_WEIGHTS, specs, iter(tensors.items()), {"format": "pt"})
-    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
+    return {
+        ADAPTER_WEIGHTS: lambda path: write_safetensors(path, specs, iter(tensors.items()), {"format": "pt"}),
+        ADAPTER_CONFIG: lambda path: atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n"),
+    }
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -283,7 +319,6 @@ def read_adapter_config(directory: Union[str, os.PathLike]) -> dict:
 def _read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     st, binf = directory / ADAPTER_WEIGHTS, directory / ADAPTER_WEIGHTS_BIN
     if st.is_file():
-        from .loading.safetensors_io import SafetensorsFile
         with SafetensorsFile(st) as f:
             return {n: f.get(n).clone() for n in f.names()}, st
     if binf.is_file():
@@ -339,8 +374,6 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], trainable
         for key, param in expected.items():
             param.copy_(tensors[key])  # fp16/bf16 files are upcast to the fp32 LoRA dtype, like peft
             param.requires_grad_(trainable)
-    model.lora_config = _portable_config(
-        targets, r, alpha, dropout, rslora, cfg.get("base_model_name_or_path"), **pats)
     return model
 
 
@@ -376,69 +409,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
             plain.bias = m.bias
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
-    if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+    if untied and isinstance(model, Qwen2ForCausalLM) and model.config.tie_word_embeddings:
         model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
     return model
-
-
-def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, os.PathLike], dtype=None,
-                  overwrite: bool = False) -> Path:
-    """Load `source` + `adapter`, merge, and write an HF-layout folder that transformers and `load_model` read.
-
-    Writes config.json (its torch_dtype set to the written dtype), model.safetensors, and the source's
-    tokenizer files and generation_config.json, in a temp folder beside `output` renamed into place at the end.
-    """
-    from .loading import load_model, resolve_source
-    from .loading.safetensors_io import replace_dir, temp_dir_beside, write_safetensors
-
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise Qwen2PureError(f"{out}: exists and is not a directory; choose another output folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise Qwen2PureError(f"{out}: output folder exists and is not empty; pass --overwrite to replace it")
-    src = resolve_source(source)
-    model = merge_lora(load_model(src, dtype=dtype, adapter=adapter))
-    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.dtype]
-    extra_files: dict[str, str] = {}
-    if src.is_file():  # a GGUF: its config and tokenizer come from the metadata
-        from .loading.gguf import gguf_config, open_gguf
-        from .loading.gguf_tokenizer import gguf_tokenizer_files
-        reader = open_gguf(src)
-        config = gguf_config(reader)
-        tok_json, tok_cfg, gen_cfg = gguf_tokenizer_files(reader)
-        extra_files = {"tokenizer.json": tok_json,
-                       "tokenizer_config.json": json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n",
-                       "generation_config.json": json.dumps(gen_cfg, indent=2) + "\n"}
-    else:
-        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name  # keep the source's spelling
-    config["tie_word_embeddings"] = model.config.tie_word_embeddings  # False once a LoRA on a tied head merged
-    if "dtype" in config and "torch_dtype" in config:
-        config["torch_dtype"] = dtype_name
-    tied = model.config.tie_word_embeddings
-    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
-             and not k.endswith("rotary_emb.inv_freq")}
-    specs = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
-    meta = {"format": "pt", "merged_by": "qwen2-pure export", "adapter": Path(adapter).name}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out)
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for name, text in extra_files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        if src.is_dir():
-            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                         "special_tokens_map.json", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-                         "LICENSE"):
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
-        write_safetensors(tmp / "model.safetensors", specs, iter(state.items()), meta)
-        replace_dir(tmp, out)
-    except OSError as e:
-        raise Qwen2PureError(f"{out}: cannot write the merged model ({e})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -239,7 +239,7 @@ def converted(tiny_gguf, tiny_gguf_tied, tmp_path_factory):
 
 
 def test_convert_writes_hf_folder(converted, tiny_gguf):
-    from qwen2_pure.loading.safetensors_io import SafetensorsFile
+    from qwen2_pure.safetensors_io import SafetensorsFile
     out = converted[False]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"])

@@ -154,13 +154,43 @@ def test_save_load_roundtrip(base_dir, tmp_path):
         want = model(IDS)
     m2, got = ours(base_dir, adapter=adir)
     assert torch.equal(got, want)
-    save_adapter(m2, tmp_path / "b")  # a loaded adapter saves back the same config and tensors
+    # a loaded adapter saves back the same config (read off its layers; the base is named by the caller)
+    save_adapter(m2, tmp_path / "b", base_model_name_or_path="tiny/base")
     a = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     b = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert a == b
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")]
+    assert not hasattr(m2, "lora_config") and not hasattr(model, "lora_config")  # nothing attached to the model
+
+
+@pytest.mark.parametrize("cfg, targets", [
+    (dict(target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 4}, alpha_pattern={"up_proj": 3}),
+     ["q_proj", "up_proj", "v_proj"]),
+    (dict(target_modules=["k_proj", "gate_proj"], layers_to_transform=[1]),
+     ["model.layers.1.mlp.gate_proj", "model.layers.1.self_attn.k_proj"]),
+    (dict(target_modules=r".*\.(q|o|down)_proj", r=4, lora_alpha=8), ["down_proj", "o_proj", "q_proj"]),
+], ids=["rank-pattern", "layers-to-transform", "regex"])
+def test_adapter_config_is_read_off_the_layers(base_dir, tmp_path, cfg, targets):
+    """A peft adapter loaded into our model and saved again: the config written is derived from the LoRA layers
+    (which modules, ranks, alphas), and peft reads it back to the same model."""
+    from peft import PeftModel
+    from qwen2_pure.lora import adapter_config
+    adir, pm = make_peft_adapter(base_dir, tmp_path / "a", **cfg)
+    model, got = ours(base_dir, adapter=adir)
+    save_adapter(model, tmp_path / "b", base_model_name_or_path="tiny/base")
+    written = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert written == adapter_config(model, "tiny/base") and written["target_modules"] == targets
+    assert written["base_model_name_or_path"] == "tiny/base"
+    ranks = {n: m.r for n, m in lora_modules(model).items()}
+    assert {n: r for n, r in ranks.items() if r != written["r"]} == written["rank_pattern"]
+    with torch.no_grad():
+        again = PeftModel.from_pretrained(load_hf(base_dir), tmp_path / "b").eval()
+        torch.testing.assert_close(again(IDS).logits, pm(IDS).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, pm(IDS).logits, atol=ATOL, rtol=0)
+    assert {n.removeprefix("base_model.model.") for n, m in again.named_modules()
+            if isinstance(m, peft.tuners.lora.Linear)} == set(ranks)
 
 
 
@@ -168,7 +198,7 @@ def test_save_load_roundtrip(base_dir, tmp_path):
 def test_saved_files_follow_the_umask(base_dir, tmp_path, umask):
     """Adapter files and export folders get an ordinary file's mode (0666/0777 less the umask), not the
     0600/0700 of a temp file."""
-    from qwen2_pure.lora import export_merged
+    from qwen2_pure.loading.export import export_merged
     old = os.umask(umask)
     try:
         adir, _ = make_our_adapter(base_dir, tmp_path / "a")
@@ -304,7 +334,7 @@ def tied_dir(tmp_path_factory):
 @pytest.mark.parametrize("targets", [["lm_head"], ["q_proj", "lm_head"]], ids=["head", "q+head"])
 def test_lora_on_a_tied_head_merges_into_an_untied_head(tied_dir, tmp_path, targets):
     """lm_head shares embed_tokens' weight: merging must not add the head's delta to the embedding."""
-    from qwen2_pure.lora import export_merged
+    from qwen2_pure.loading.export import export_merged
     model = apply_lora(qwen2_pure.load_model(tied_dir), targets=targets)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     _randomize([m.lora_B.weight for m in lora_modules(model).values()])
@@ -324,7 +354,7 @@ def test_lora_on_a_tied_head_merges_into_an_untied_head(tied_dir, tmp_path, targ
         torch.testing.assert_close(model(IDS), unmerged, atol=1e-4, rtol=0)  # was off by 2.2 (head) / 3.0 (q+head)
     out = export_merged(tied_dir, tmp_path / "a", tmp_path / "merged")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
-    from qwen2_pure.loading.safetensors_io import SafetensorsFile
+    from qwen2_pure.safetensors_io import SafetensorsFile
     with SafetensorsFile(out / "model.safetensors") as f:
         assert "lm_head.weight" in f.names() and torch.equal(f.get("model.embed_tokens.weight"), embedding)
     with torch.no_grad():
@@ -434,7 +464,7 @@ def test_gguf_base_adapter_and_export(tiny_gguf, tmp_path):
         want = model(ids)
         got = qwen2_pure.load_model(tiny_gguf, adapter=tmp_path / "a")(ids)
         assert torch.equal(got, want)
-        from qwen2_pure.lora import export_merged
+        from qwen2_pure.loading.export import export_merged
         out = export_merged(tiny_gguf, tmp_path / "a", tmp_path / "merged")
         assert (out / "tokenizer.json").is_file()
         torch.testing.assert_close(qwen2_pure.load_model(out)(ids), want, atol=1e-4, rtol=0)
@@ -479,7 +509,7 @@ def test_cli_generate_with_adapter(capsys, cli_model):
     assert new != new_base  # the adapter changes what is generated
     capsys.readouterr()
     assert main(["generate", "--model", str(d), "--adapter", str(adir), "--prompt", "Hello"]) == 0
-    assert capsys.readouterr().out == want
+    assert capsys.readouterr().out == want + "\n"  # generate ends its output with one newline
     assert main(["generate", "--model", str(d), "--adapter", str(d / "nope"), "--prompt", "Hello"]) == 2
     assert "adapter folder not found" in capsys.readouterr().err
 

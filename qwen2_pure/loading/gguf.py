@@ -20,12 +20,10 @@ Three facts shape this module:
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import mmap
 import os
 import re
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -34,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
+from ..config import Qwen2Config
 from ..errors import Qwen2PureError
+from ..safetensors_io import check_output_dir, write_folder, write_safetensors
 
 if TYPE_CHECKING:
     import gguf as _gguf_mod
@@ -367,32 +367,21 @@ def _tensor_map(reader) -> dict:
 
 
 def gguf_config(path_or_reader) -> dict:
-    """An HF `config.json` dict for a qwen2 GGUF (a path or an open `gguf.GGUFReader`).
+    """An HF `config.json` dict for a qwen2 GGUF (a path or an open `gguf.GGUFReader`), checked by `Qwen2Config`.
 
+    This maps GGUF metadata keys to config.json keys and nothing more: what the values mean, their defaults
+    and their consistency are `Qwen2Config`'s, the one interpreter the loader, inspect and this share.
     `vocab_size` is the row count of `token_embd.weight` (the padded embedding, larger than the tokenizer);
     the embeddings are tied exactly when the file has no separate `output.weight`.
     """
-    reader = _reader(path_or_reader)
+    return _config(_reader(path_or_reader))[0]
+
+
+def _config(reader) -> tuple[dict, Qwen2Config]:
     where = _name_of(reader)
     hidden = _int_field(reader, f"{ARCH}.embedding_length")
     layers = _int_field(reader, f"{ARCH}.block_count")
     heads = _int_field(reader, f"{ARCH}.attention.head_count")
-    kv_heads = _int_field(reader, f"{ARCH}.attention.head_count_kv", heads)
-    ffn = _int_field(reader, f"{ARCH}.feed_forward_length")
-    ctx = _int_field(reader, f"{ARCH}.context_length")
-    eps = _field(reader, f"{ARCH}.attention.layer_norm_rms_epsilon")
-    theta = _field(reader, f"{ARCH}.rope.freq_base", 10000.0)  # llama.cpp's default when the key is absent
-    if heads <= 0 or hidden % heads:
-        raise Qwen2PureError(f"{where}: embedding_length {hidden} is not divisible by head_count {heads}")
-    if kv_heads <= 0 or heads % kv_heads:
-        raise Qwen2PureError(f"{where}: head_count {heads} is not a multiple of head_count_kv {kv_heads}")
-    head_dim = hidden // heads
-    for key in (f"{ARCH}.attention.key_length", f"{ARCH}.attention.value_length", f"{ARCH}.rope.dimension_count"):
-        v = _int_field(reader, key, None)
-        if v is not None and v != head_dim:
-            raise Qwen2PureError(f"{where}: '{key}' is {v} but embedding_length/head_count is {head_dim}; "
-                                 f"qwen2 requires head_dim = hidden_size / num_attention_heads with full RoPE")
-
     tensors = _tensor_map(reader)
     embd = tensors.get("token_embd.weight")
     if embd is None:
@@ -405,17 +394,19 @@ def gguf_config(path_or_reader) -> dict:
     if tokens is not None and len(tokens.data) > vocab:
         raise Qwen2PureError(f"{where}: the tokenizer has {len(tokens.data)} tokens but 'token_embd.weight' "
                              f"has only {vocab} rows")
-    return {
+    d = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "hidden_size": hidden,
-        "intermediate_size": ffn,
+        "intermediate_size": _int_field(reader, f"{ARCH}.feed_forward_length"),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": ctx,
-        "rms_norm_eps": eps,
-        "rope_theta": theta,
+        # llama.cpp reads a missing head_count_kv as head_count (multi-head attention), as transformers reads
+        # num_key_value_heads: null
+        "num_key_value_heads": _int_field(reader, f"{ARCH}.attention.head_count_kv", heads),
+        "max_position_embeddings": _int_field(reader, f"{ARCH}.context_length"),
+        "rms_norm_eps": _field(reader, f"{ARCH}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _field(reader, f"{ARCH}.rope.freq_base", 10000.0),  # llama.cpp's default when absent
         "rope_scaling": _rope_scaling(reader),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -430,6 +421,13 @@ def gguf_config(path_or_reader) -> dict:
         "use_cache": True,
         "torch_dtype": "float32",
     }
+    cfg = Qwen2Config.from_dict(d, source=f"{where} (its metadata as config.json)")
+    for key in (f"{ARCH}.attention.key_length", f"{ARCH}.attention.value_length", f"{ARCH}.rope.dimension_count"):
+        v = _int_field(reader, key, None)
+        if v is not None and v != cfg.head_dim:
+            raise Qwen2PureError(f"{where}: '{key}' is {v} but embedding_length/head_count is {cfg.head_dim}; "
+                                 f"qwen2 requires head_dim = hidden_size / num_attention_heads with full RoPE")
+    return d, cfg
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -446,13 +444,12 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
     """Every HF parameter a Qwen2 checkpoint of this config holds, with its PyTorch shape."""
-    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    D = H // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * D, config["num_key_value_heads"] * D
+    H, I, V, D = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
     shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    for i in range(config["num_hidden_layers"]):
+    for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
@@ -462,7 +459,7 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (H, q),
             p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
         })
-    if not config["tie_word_embeddings"]:
+    if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, H)
     return shapes
 
@@ -474,7 +471,8 @@ def _squeezed(shape) -> list[int]:
 def _plan(reader) -> list[tuple[Any, str, tuple[int, ...]]]:
     """(GGUF tensor, HF name, PyTorch shape) for every tensor in file order, all checked against the config."""
     where = _name_of(reader)
-    expected = _expected_shapes(gguf_config(reader))
+    config = _config(reader)[1]
+    expected = _expected_shapes(config)
     plan, seen = [], set()
     for t in reader.tensors:
         hf = gguf_to_hf_name(t.name)
@@ -483,7 +481,7 @@ def _plan(reader) -> list[tuple[Any, str, tuple[int, ...]]]:
                                  f"not part of a qwen2 model")
         if hf not in expected:
             raise Qwen2PureError(f"{where}: GGUF tensor '{t.name}' ({hf}) does not belong to a qwen2 model with "
-                                 f"{gguf_config(reader)['num_hidden_layers']} blocks")
+                                 f"{config.num_hidden_layers} blocks")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         want = expected[hf]
         if shape != want:
@@ -593,30 +591,32 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
                  overwrite: bool = False, dtype="float32") -> Path:
     """Dequantize a qwen2 GGUF into an HF-layout folder that transformers loads; returns `out_dir`.
 
-    dtype: of the written weights (a name or torch dtype; config.json's torch_dtype says which). float32 holds
-    the dequantized values exactly; bfloat16 / float16 halve the file but round most of them (a block's value
-    is an f16 scale times a small integer: more significant bits than either type keeps).
+    dtype: of the written weights, a torch dtype or its config.json name (float32, bfloat16, float16;
+    config.json's torch_dtype says which). float32 holds the dequantized values exactly; bfloat16 / float16
+    halve the file but round most of them (a block's value is an f16 scale times a small integer: more
+    significant bits than either type keeps).
     Writes config.json, model.safetensors (streamed one tensor at a time), tokenizer.json,
-    tokenizer_config.json (with the chat template) and generation_config.json into a temp folder beside
-    `out_dir`, then renames it into place: `out_dir` is either absent, the old folder, or complete.
+    tokenizer_config.json (with the chat template) and generation_config.json with
+    `qwen2_pure.safetensors_io.write_folder`: `out_dir` is either absent, the old folder, or complete.
     An existing non-empty `out_dir` is an error unless `overwrite=True`.
     """
     from tqdm.auto import tqdm
 
-    from . import parse_dtype
     from .gguf_tokenizer import gguf_tokenizer_files
-    from .safetensors_io import replace_dir, temp_dir_beside, write_safetensors
 
-    dtype = parse_dtype(dtype)
-    src, out = Path(gguf_path), Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise Qwen2PureError(f"{out}: exists and is not a directory; choose another output folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise Qwen2PureError(f"{out}: output folder exists and is not empty; pass overwrite=True to replace it")
-
+    src = Path(gguf_path)
+    out = check_output_dir(out_dir, overwrite)
     # Everything that can fail on a bad input is checked before anything is written.
     reader = open_gguf(src)
-    config = {**gguf_config(reader), "torch_dtype": str(dtype).replace("torch.", "")}
+    name = str(dtype).removeprefix("torch.")
+    config, cfg = _config(reader)
+    if name != cfg.torch_dtype:  # Qwen2Config says which names a config.json's torch_dtype may take
+        try:
+            Qwen2Config.from_dict({**config, "torch_dtype": name}, source="convert_gguf")
+        except Qwen2PureError as e:
+            raise Qwen2PureError(f"dtype={dtype!r} is not supported ({e})") from None
+        config = {**config, "torch_dtype": name}
+    dtype = getattr(torch, name)
     plan = _plan(reader)
     tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer_files(reader)
     metadata = {
@@ -628,37 +628,23 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         "general.architecture": ARCH,
     }
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Qwen2PureError(f"{out.parent}: cannot create the output's parent folder ({e})") from None
-    tmp = temp_dir_beside(out)
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n",
-                                                    encoding="utf-8")
+    def tensors():
+        with tqdm(total=len(plan), unit="tensor", desc=f"converting {src.name}", disable=not progress) as bar:
+            for t, hf, shape in plan:
+                tensor = _dequantize(reader, t, shape).to(dtype)
+                _release(reader, t)
+                yield hf, tensor
+                del tensor
+                bar.update(1)
 
-        def tensors():
-            with tqdm(total=len(plan), unit="tensor", desc=f"converting {src.name}", disable=not progress) as bar:
-                for t, hf, shape in plan:
-                    tensor = _dequantize(reader, t, shape).to(dtype)
-                    _release(reader, t)
-                    yield hf, tensor
-                    del tensor
-                    bar.update(1)
-
-        specs = [(hf, dtype, shape) for _, hf, shape in plan]
-        write_safetensors(tmp / "model.safetensors", specs, tensors(), metadata)
-        replace_dir(tmp, out)
-    except OSError as e:
-        raise Qwen2PureError(f"{out}: cannot write the converted model ({e})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    specs = [(hf, dtype, shape) for _, hf, shape in plan]
+    return write_folder(out, {
+        "config.json": config,
+        "tokenizer.json": tokenizer_json,
+        "tokenizer_config.json": tokenizer_config,
+        "generation_config.json": generation_config,
+        "model.safetensors": lambda path: write_safetensors(path, specs, tensors(), metadata),
+    }, overwrite=overwrite, what="converted model")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ trainer_state.json, trainer_log.jsonl and the loss plots.
 
 Checkpoints hold what an exact resume needs: the adapter, optimizer, scheduler and RNG states and the
 position in the data order (the order of epoch e is a permutation drawn from `seed + e`, so it can be
-regenerated). Every checkpoint folder is written beside its final name and renamed into place.
+regenerated). Every checkpoint folder is written beside its final name and renamed into place
+(`qwen2_pure.safetensors_io.write_folder`, the writer of every folder the package makes).
 
 Several processes (`torchrun --nproc_per_node W ...`, WORLD_SIZE > 1): data parallel through
 torch.distributed (gloo on CPU, nccl on CUDA, each rank on cuda:LOCAL_RANK), same seed on every rank.
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Qwen2PureError
-from ..loading.safetensors_io import replace_dir, temp_dir_beside
+from ..safetensors_io import SafetensorsFile, write_folder
 from .args import TrainArgs
 
 TRAINER_STATE = "trainer_state.json"
@@ -135,7 +136,6 @@ def enable_gradient_checkpointing(model) -> None:
 @torch.no_grad()
 def load_lora_weights(model, directory) -> None:
     """Copy a saved adapter's tensors into the model's existing LoRA layers (resume, best checkpoint)."""
-    from ..loading.safetensors_io import SafetensorsFile
     from ..lora import lora_state_dict
     target = lora_state_dict(model)  # detached views: copying into them writes the parameters
     path = Path(directory) / "adapter_model.safetensors"
@@ -264,18 +264,17 @@ class Trainer:
         return final
 
     def _write_checkpoint(self, final: Path) -> None:
-        from ..lora import save_adapter
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir_beside(final)
-        save_adapter(self.model, tmp, base_model_name_or_path=self.base)
-        (tmp / TRAINER_STATE).write_text(json.dumps(self._state(), indent=2))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                    "step": self.step, "best": self.best, "log_history": self.log_history,
-                "world_size": self.dist.world,
-                "global_micro_batch": self.args.per_device_train_batch_size * self.dist.world}, tmp / RESUME_STATE)
-        replace_dir(tmp, final)
+        from ..lora import adapter_files
+        resume = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                  "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                  "python_rng": random.getstate(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                  "step": self.step, "best": self.best, "log_history": self.log_history,
+                  "world_size": self.dist.world,
+                  "global_micro_batch": self.args.per_device_train_batch_size * self.dist.world}
+        # a resumed run may write a checkpoint-N again: the new one replaces it
+        write_folder(final, {**adapter_files(self.model, self.base), TRAINER_STATE: self._state(),
+                             RESUME_STATE: lambda path: torch.save(resume, path)}, overwrite=True,
+                     what="training checkpoint")
         if self.args.save_total_limit:
             keep = {self.best[1]} if self.best else set()
             ckpts = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
