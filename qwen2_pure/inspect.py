@@ -1,9 +1,10 @@
 """Parameter, FLOP and memory accounting for a Qwen2 / Qwen2-MoE config, without loading any weights.
 
 `inspect_config(cfg)` turns a config.json dict (or a `Qwen2Config`) into a report: parameters per part,
-FLOPs per token, weight bytes per dtype and KV-cache bytes. The counts are computed from the config
-(analytically) and cross-checked, part by part, against our `Qwen2ForCausalLM` built on the meta device
-(shapes only, no memory), whenever the model class accepts the config.
+FLOPs per token, weight bytes per dtype and KV-cache bytes. The config is read by `Qwen2Config`, exactly as
+the loader reads it (its defaults, its checks, its errors), so inspect counts the model `load_model` builds.
+The counts are computed from it (analytically) and cross-checked, part by part, against our
+`Qwen2ForCausalLM` built on the meta device (shapes only, no memory).
 
 Definitions (the report's keys):
 - parts: `embed` (embed_tokens, V·H), `attention` (q/k/v/o weights and the q/k/v biases), `mlp` (SwiGLU
@@ -37,13 +38,13 @@ import textwrap
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .config import Qwen2Config
 from .errors import Qwen2PureError, read_json_object
 from .presets import META_KEYS, PRESETS, config_json, get_preset, is_preset, resolve_preset_name
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
-MODEL_TYPES = ("qwen2", "qwen2_moe")
 
 
 def parse_dtype(name: str) -> str:
@@ -88,61 +89,24 @@ def load_source(source) -> tuple[dict, str, str]:
 
 # ---- the architecture numbers a count needs ---------------------------------------------------------------
 
-def _int(d: dict, key: str, source: str, default=None, minimum: int = 1) -> int:
-    v = d.get(key, default)
-    if v is None:
-        raise Qwen2PureError(f"{source}: config has no {key!r}")
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise Qwen2PureError(f"{source}: {key}={v!r} must be an integer >= {minimum}")
-    return v
-
-
-def _arch(d: dict, source: str) -> dict:
-    model_type = d.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise Qwen2PureError(f"{source}: model_type {model_type!r} is not one inspect counts "
-                             f"(supported: {', '.join(MODEL_TYPES)})")
-    a: dict[str, Any] = {"model_type": model_type}
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        a[key] = _int(d, key, source)
-    a["num_key_value_heads"] = _int(d, "num_key_value_heads", source, a["num_attention_heads"])
-    a["head_dim"] = _int(d, "head_dim", source, a["hidden_size"] // a["num_attention_heads"])
-    a["tied"] = bool(d.get("tie_word_embeddings", False))
-    a["context"] = _int(d, "max_position_embeddings", source, 32768)
-    a["qkv_bias"] = bool(d.get("qkv_bias", True)) if model_type == "qwen2_moe" else True
-    moe = model_type == "qwen2_moe" and _int(d, "num_experts", source, 0, minimum=0) > 0
-    a["moe"] = moe
-    if moe:
-        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-            a[key] = _int(d, key, source)
-        a["shared_expert_intermediate_size"] = _int(d, "shared_expert_intermediate_size", source, 0, minimum=0)
-        step = _int(d, "decoder_sparse_step", source, 1, minimum=0)
-        mlp_only = set(d.get("mlp_only_layers") or [])
-        # transformers' rule (modeling_qwen2_moe): layer i is sparse iff it is not in mlp_only_layers,
-        # num_experts > 0 and (i + 1) % decoder_sparse_step == 0
-        a["moe_layers"] = [i for i in range(a["num_hidden_layers"])
-                           if i not in mlp_only and step > 0 and (i + 1) % step == 0]
-        if len(a["moe_layers"]) < a["num_hidden_layers"]:
-            a["intermediate_size"] = _int(d, "intermediate_size", source)
-        else:
-            a["intermediate_size"] = d.get("intermediate_size")  # unused: every layer is MoE
-    else:
-        a["intermediate_size"] = _int(d, "intermediate_size", source)
-        a["moe_layers"] = []
-    a["windows"] = _layer_windows(d, a["num_hidden_layers"])
+def _arch(cfg: Qwen2Config) -> dict:
+    """The numbers the counts need, from `Qwen2Config`: the one reading of a config.json that the loader and the
+    model use too (defaults, derived head_dim, which layers are MoE and which slide), so inspect counts the
+    model `load_model` would build."""
+    n = cfg.num_hidden_layers
+    moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
+    a: dict[str, Any] = {
+        "model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_hidden_layers": n,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "vocab_size": cfg.vocab_size, "head_dim": cfg.head_dim, "tied": cfg.tie_word_embeddings,
+        "context": cfg.max_position_embeddings, "qkv_bias": cfg.qkv_bias, "moe": bool(moe_layers),
+        "moe_layers": moe_layers, "intermediate_size": cfg.intermediate_size,  # unused when every layer is MoE
+        "windows": [cfg.layer_window(i) for i in range(n)],
+    }
+    if moe_layers:
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            a[key] = getattr(cfg, key)
     return a
-
-
-def _layer_windows(d: dict, n_layers: int) -> list[Optional[int]]:
-    """Sliding window per layer (None = full attention), as `Qwen2Config.layer_window` decides it."""
-    window = d.get("sliding_window") if d.get("use_sliding_window") else None
-    if not window:
-        return [None] * n_layers
-    types = d.get("layer_types")
-    if types:
-        return [window if t == "sliding_attention" else None for t in types]
-    first = d.get("max_window_layers", 28)
-    return [window if i >= first else None for i in range(n_layers)]
 
 
 # ---- counts ------------------------------------------------------------------------------------------------
@@ -253,7 +217,6 @@ def meta_model(cfg, source: str = "config.json"):
 
     Raises Qwen2PureError when the config is one `Qwen2Config` or the model class does not (yet) accept.
     """
-    from .config import Qwen2Config
     from .model import Qwen2ForCausalLM
     if not isinstance(cfg, Qwen2Config):
         cfg = Qwen2Config.from_dict(config_json(cfg), source=source)
@@ -329,8 +292,8 @@ def inspect_config(cfg, *, context: Optional[int] = None, kv_dtype: str = "bf16"
     provenance = d.get("_provenance")
     sources = list(d.get("_sources") or [])
     published = d.get("_published")
-    d = config_json(d)
-    a = _arch(d, name)
+    cfg = Qwen2Config.from_dict(config_json(d), source=name)
+    a = _arch(cfg)
     T = a["context"] if context is None else int(context)
     if T < 1:
         raise Qwen2PureError(f"context={T} must be >= 1")
@@ -352,11 +315,11 @@ def inspect_config(cfg, *, context: Optional[int] = None, kv_dtype: str = "bf16"
             "intermediate_size": a["intermediate_size"], "vocab_size": a["vocab_size"], "tied": a["tied"],
             "context": a["context"], "qkv_bias": a["qkv_bias"],
             "sliding_layers": sum(w is not None for w in a["windows"]),
-            "rope_theta": d.get("rope_theta"), "rms_norm_eps": d.get("rms_norm_eps"),
+            "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
             **({"num_experts": a["num_experts"], "num_experts_per_tok": a["num_experts_per_tok"],
                 "moe_intermediate_size": a["moe_intermediate_size"],
                 "shared_expert_intermediate_size": a["shared_expert_intermediate_size"],
-                "moe_layers": len(a["moe_layers"]), "norm_topk_prob": d.get("norm_topk_prob")} if a["moe"] else {}),
+                "moe_layers": len(a["moe_layers"]), "norm_topk_prob": cfg.norm_topk_prob} if a["moe"] else {}),
         },
         "flops": flops(a, c["matmul_per_token"], T),
         "weight_bytes": {k: math.ceil(c["total"] * DTYPE_BYTES[k]) for k in WEIGHT_DTYPES},
@@ -373,13 +336,13 @@ def inspect_config(cfg, *, context: Optional[int] = None, kv_dtype: str = "bf16"
     if published:
         report["published"] = {**published, "checks": published_checks(published, report)}
     if check_model:
-        report["model_check"] = _check_against_model(d, name, c["parts"], c["mlp_detail"])
+        report["model_check"] = _check_against_model(cfg, name, c["parts"], c["mlp_detail"])
     return report
 
 
-def _check_against_model(d: dict, name: str, parts: dict, mlp_detail: dict) -> dict:
+def _check_against_model(cfg: Qwen2Config, name: str, parts: dict, mlp_detail: dict) -> dict:
     try:
-        model = meta_model(d, source=name)
+        model = meta_model(cfg, source=name)
     except Qwen2PureError as e:
         return {"built": False, "total": None, "parts": None, "matches": None,
                 "note": f"analytic counts only: {e}"}

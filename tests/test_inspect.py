@@ -178,6 +178,53 @@ def test_qwen2config_input():
     assert inspect_config(cfg)["total_params"] == inspect_config("Qwen2-1.5B")["total_params"]
 
 
+def _tiny_config(**changes) -> dict:
+    d = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+         "tie_word_embeddings": True, **changes}
+    return {k: v for k, v in d.items() if v is not ...}  # `...` drops a key
+
+
+@pytest.mark.parametrize("changes", [dict(num_key_value_heads=...), dict(num_key_value_heads=..., max_window_layers=1,
+                                     use_sliding_window=True, sliding_window=8, max_position_embeddings=...)],
+                         ids=["no-kv-heads", "defaults-and-window"])
+def test_inspect_reads_a_config_json_as_the_loader_does(tmp_path, changes):
+    """One config interpreter: inspect and load_model read the same config.json (keys left out included) as
+    the same model. The folder's weights are those of the model the loader's reading implies."""
+    import torch
+    import qwen2_pure
+    from qwen2_pure.config import Qwen2Config
+    from qwen2_pure.model import Qwen2ForCausalLM
+    from qwen2_pure.safetensors_io import write_safetensors
+    (tmp_path / "config.json").write_text(json.dumps(_tiny_config(**changes)))
+    state = Qwen2ForCausalLM(Qwen2Config.from_file(tmp_path / "config.json")).state_dict()
+    state.pop("lm_head.weight")  # tied
+    write_safetensors(tmp_path / "model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in state.items()],
+                      iter(state.items()))
+    model = qwen2_pure.load_model(tmp_path)
+    r = inspect_config(tmp_path)
+    assert r["architecture"]["kv_heads"] == model.config.num_key_value_heads
+    assert r["architecture"]["context"] == model.config.max_position_embeddings
+    assert r["architecture"]["sliding_layers"] == sum(layer.window is not None for layer in model.model.layers)
+    assert r["total_params"] == sum(p.numel() for p in model.parameters())
+    k_proj = model.model.layers[0].self_attn.k_proj
+    assert k_proj.out_features == r["architecture"]["kv_heads"] * r["architecture"]["head_dim"]
+
+
+@pytest.mark.xfail(strict=True, reason="qwen2_pure/config.py: Qwen2Config.from_dict gives a missing or null "
+                   "num_key_value_heads its dataclass default (2) and rejects null; transformers' Qwen2Config reads "
+                   "null as num_attention_heads, as llama.cpp reads a missing head_count_kv")
+@pytest.mark.parametrize("kv", [None, ...], ids=["null", "missing"])
+def test_num_key_value_heads_left_out_means_multi_head_attention(kv):
+    from qwen2_pure.config import Qwen2Config
+    d = _tiny_config(num_attention_heads=8, hidden_size=64, num_key_value_heads=kv)
+    if kv is None:  # transformers' own reading of null (its class default, 32, is Qwen2-7B's head count)
+        transformers = pytest.importorskip("transformers")
+        assert transformers.Qwen2Config(**d).num_key_value_heads == 8
+    assert Qwen2Config.from_dict(d).num_key_value_heads == 8
+    assert inspect_config(d)["architecture"]["kv_heads"] == 8
+
+
 # ---- FLOPs and KV cache -----------------------------------------------------------------------------------
 
 def test_kv_bytes_formula():
