@@ -19,6 +19,10 @@ from .engine import Sequence as EngineSequence
 from .errors import Qwen2PureError
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, make_generators
+from .speculative import make_speculator
+
+
+_SPECULATION = ("prompt_lookup_num_tokens", "assistant_model", "num_assistant_tokens")
 
 
 def default_stop_ids(model) -> list[int]:
@@ -75,6 +79,7 @@ def _raise_if_failed(outputs) -> None:
 def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: Optional[int] = None,
+                    prompt_lookup_num_tokens: Optional[int] = None, assistant_model=None, num_assistant_tokens: int = 5,
                     stop_token_ids: Optional[Sequence[int]] = None,
                     prompt_cache=None) -> Iterator[list[Optional[int]]]:
     """Yield, at each step, [new token of prompt i, or None if prompt i has stopped] for every prompt.
@@ -87,6 +92,11 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     prompt_cache: a `PromptCache` (one prompt) or a list of them (one per prompt): the longest prefix a
     prompt shares with its cache is not recomputed, and the cache then holds that prompt and its answer
     (`qwen2_pure.prompt_cache`; the chat command reuses one this way from turn to turn).
+    Speculative decoding (transformers' names; `qwen2_pure.speculative`), while one prompt runs:
+    prompt_lookup_num_tokens=N guesses up to N tokens by copying what followed the last 2-gram earlier in the
+    text; assistant_model=draft (a smaller model of the same tokenizer) guesses `num_assistant_tokens`. The
+    model checks the guesses in one forward; greedy tokens are those of plain decoding, sampled ones follow
+    the model's distribution. Such a step yields one list per token it emits.
     Raises `Qwen2PureError` naming the argument at fault, or the prompt whose generation failed.
     """
     seqs, max_len = _sequences(model, prompts, max_new_tokens=max_new_tokens, seed=seed,
@@ -94,22 +104,38 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                                min_p=min_p, repetition_penalty=repetition_penalty,
                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                prompt_cache=prompt_cache)
-    engine = Engine(model, max_batch=len(seqs), max_seq_len=max_len)
+    speculator = make_speculator(prompt_lookup_num_tokens=prompt_lookup_num_tokens, assistant_model=assistant_model,
+                                 num_assistant_tokens=num_assistant_tokens)
+    engine = Engine(model, max_batch=len(seqs), max_seq_len=max_len, speculator=speculator)
     outputs = engine.add(seqs)
     while True:
         _raise_if_failed(outputs)
-        new = {id(o.seq): o.token for o in outputs}
-        yield [new.get(id(s)) for s in seqs]
+        yield from _steps(outputs, seqs)
         if not engine.rows:
             return
         outputs = engine.step()
+
+
+def _steps(outputs, seqs) -> list[list[Optional[int]]]:
+    """One engine call's outputs as `stream_generate` steps: a list per token of a sequence (a speculative
+    step emits several for its one sequence), and always at least one list."""
+    steps: list[dict] = [{}]
+    for out in outputs:
+        i = 0
+        while id(out.seq) in steps[i]:
+            i += 1
+            if i == len(steps):
+                steps.append({})
+        steps[i][id(out.seq)] = out.token
+    return [[step.get(id(s)) for s in seqs] for step in steps]
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: Optional[int] = None, stop_token_ids: Optional[Sequence[int]] = None,
              **penalties) -> list[list[int]]:
-    """New token ids for each prompt (the stop token included when one was hit, as transformers does)."""
+    """New token ids for each prompt (the stop token included when one was hit, as transformers does).
+    `penalties` takes stream_generate's other keyword arguments (presence/frequency penalties, speculation)."""
     out: list[list[int]] = [[] for _ in prompts]
     for step in stream_generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -133,11 +159,12 @@ def stream_text(model, tokenizer, prompt, *, stop: Optional[Sequence[str]] = Non
     if max_new_tokens is None:
         raise Qwen2PureError("stream_text needs max_new_tokens")
     seed, stop_token_ids = sampling.pop("seed", None), sampling.pop("stop_token_ids", None)
+    speculator = make_speculator(**{k: sampling.pop(k) for k in _SPECULATION if k in sampling})
     with torch.inference_mode():
         [seq], max_len = _sequences(model, [ids], max_new_tokens=max_new_tokens, seed=seed,
                                     stop_token_ids=stop_token_ids, stop=list(stop or []), **sampling)
         seq.skip_special_tokens = skip_special_tokens
-        engine = Engine(model, max_batch=1, max_seq_len=max_len, tokenizer=tokenizer)
+        engine = Engine(model, max_batch=1, max_seq_len=max_len, tokenizer=tokenizer, speculator=speculator)
         outputs = engine.add([seq])
     while True:
         _raise_if_failed(outputs)

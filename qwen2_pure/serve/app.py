@@ -78,11 +78,13 @@ class _CancellingStream(StreamingResponse):
 
 def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: Optional[str] = None,
                slots: int = DEFAULT_SLOTS, max_seq_len: Optional[int] = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               engine: Optional[Engine] = None, prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB) -> FastAPI:
+               engine: Optional[Engine] = None, prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB,
+               speculator=None) -> FastAPI:
     """The FastAPI app serving `model` as `model_name` (the command line passes the checkpoint's folder or file
-    name, `Loaded.name`). The engine thread starts with the app (lifespan) and stops with it."""
+    name, `Loaded.name`). The engine thread starts with the app (lifespan) and stops with it. speculator: a
+    `qwen2_pure.speculative` proposer (the command line's --prompt-lookup / --draft-model) for the engine."""
     engine = engine or Engine(model, tokenizer, slots=slots, max_seq_len=max_seq_len, max_queue=max_queue,
-                              prompt_cache_mb=prompt_cache_mb)
+                              prompt_cache_mb=prompt_cache_mb, speculator=speculator)
     gen_cfg = model.generation_config  # generation_config.json, read once by the loader
     info = ServerInfo(model_name=model_name or DEFAULT_MODEL_NAME, tokenizer=tokenizer,
                       vocab_size=model.config.vocab_size, max_seq_len=engine.max_seq_len, defaults=gen_cfg.sampling,
@@ -252,11 +254,12 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
 def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
           model_name: Optional[str] = None, slots: int = DEFAULT_SLOTS, max_seq_len: Optional[int] = None,
           max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info",
-          prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB) -> None:
+          prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB, speculator=None) -> None:
     """Run the server until Ctrl-C (what `qwen2-pure serve` calls)."""
     import uvicorn
     app = create_app(model, tokenizer, model_name=model_name, api_key=api_key, slots=slots,
-                     max_seq_len=max_seq_len, max_queue=max_queue, prompt_cache_mb=prompt_cache_mb)
+                     max_seq_len=max_seq_len, max_queue=max_queue, prompt_cache_mb=prompt_cache_mb,
+                     speculator=speculator)
     info = app.state.info
     shown = f"[{host}]" if ":" in host else host
     print(f"[serving {info.model_name} on http://{shown}:{port}  (web chat: /, OpenAI API: /v1; "

@@ -98,12 +98,13 @@ class Engine:
     longest prompt + answer a request may have (default: the model's context, capped at 4096); max_queue:
     requests that may wait for a row before `submit` raises `QueueFull`; prefill_budget: prompt tokens admitted
     per step; prompt_cache_mb: the keys/values of recently finished requests kept so that a request sharing a
-    prefix with one of them (a system prompt, a chat's history) does not recompute it (0 turns it off).
+    prefix with one of them (a system prompt, a chat's history) does not recompute it (0 turns it off);
+    speculator: a `qwen2_pure.speculative` proposer (PromptLookup, DraftModel), used while one request runs.
     """
 
     def __init__(self, model, tokenizer, *, slots: int = DEFAULT_SLOTS, max_seq_len: Optional[int] = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, prefill_budget: int = DEFAULT_PREFILL_BUDGET,
-                 prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB):
+                 prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB, speculator=None):
         if max_seq_len is None:
             max_seq_len = min(model.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         for name, value, low in (("slots", slots, 1), ("max_queue", max_queue, 0), ("prefill_budget", prefill_budget, 1)):
@@ -113,7 +114,7 @@ class Engine:
             raise Qwen2PureError(f"prompt_cache_mb={prompt_cache_mb!r} is invalid: it must be an integer >= 0")
         pool = PrefixPool(prompt_cache_mb << 20) if prompt_cache_mb else None
         self.core = GenerationEngine(model, max_batch=slots, max_seq_len=max_seq_len, tokenizer=tokenizer,
-                                     prefix_pool=pool)
+                                     prefix_pool=pool, speculator=speculator)
         self.model, self.tokenizer = model, tokenizer
         self.slots, self.max_seq_len, self.max_queue, self.prefill_budget = slots, max_seq_len, max_queue, \
             prefill_budget
