@@ -356,7 +356,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .lora import export_merged
+    from .loading.export import export_merged
     out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -119,6 +119,10 @@ class Qwen2Config:
             if absent:
                 raise Qwen2PureError(f"{source}: a qwen2_moe config needs {', '.join(absent)} "
                                      "(transformers would fill in Qwen1.5-MoE-A2.7B's values; write them out)")
+        if kwargs.get("num_key_value_heads") is None and "num_attention_heads" in kwargs:
+            # left out or null: multi-head attention, one KV head per query head (transformers reads null so,
+            # llama.cpp a missing head_count_kv); never the 0.5B's 2 that the dataclass default would give
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         if "mlp_only_layers" in kwargs and kwargs["mlp_only_layers"] is None:
             kwargs["mlp_only_layers"] = ()  # transformers reads null as []
         for key in ("layer_types", "mlp_only_layers"):

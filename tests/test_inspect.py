@@ -211,9 +211,6 @@ def test_inspect_reads_a_config_json_as_the_loader_does(tmp_path, changes):
     assert k_proj.out_features == r["architecture"]["kv_heads"] * r["architecture"]["head_dim"]
 
 
-@pytest.mark.xfail(strict=True, reason="qwen2_pure/config.py: Qwen2Config.from_dict gives a missing or null "
-                   "num_key_value_heads its dataclass default (2) and rejects null; transformers' Qwen2Config reads "
-                   "null as num_attention_heads, as llama.cpp reads a missing head_count_kv")
 @pytest.mark.parametrize("kv", [None, ...], ids=["null", "missing"])
 def test_num_key_value_heads_left_out_means_multi_head_attention(kv):
     from qwen2_pure.config import Qwen2Config

@@ -136,19 +136,36 @@ def test_base_checkpoint_loads_in_eval_mode_with_generation_config(base, base_sd
     assert set(model.state_dict()) == set(base_sd)
     assert model.device == torch.device("cpu")
     assert not any(p.is_meta for p in model.parameters())
-    assert model.generation_config == json.loads((base / "generation_config.json").read_text())
-    assert model.generation_config["eos_token_id"] == VOCAB - 1
+    assert model.generation_config.raw == json.loads((base / "generation_config.json").read_text())
+    assert model.generation_config.eos_token_id == (VOCAB - 1,)
 
 
-def test_generation_config_is_empty_dict_when_absent(tmp_path, base_sd, base_cfg):
+def test_generation_config_from_config_json_when_absent(tmp_path, base_sd, base_cfg):
+    """No generation_config.json: config.json's eos/pad ids and transformers' defaults (greedy), the same as a
+    model built directly from the config."""
     folder = write_ckpt(tmp_path, base_sd, base_cfg)
     assert not (folder / "generation_config.json").exists()
-    assert q.load_model(folder).generation_config == {}
+    loaded = q.load_model(folder)
+    built = q.Qwen2ForCausalLM(loaded.config)
+    assert loaded.generation_config == built.generation_config
+    assert loaded.generation_config.raw == {} and loaded.generation_config.sampling.greedy
+    assert loaded.generation_config.eos_token_id == tuple(loaded.config.eos_ids)
 
 
 def test_generation_config_custom_values(tmp_path, base_sd, base_cfg):
-    gen = {"temperature": 0.7, "top_p": 0.8, "eos_token_id": [1, 2], "repetition_penalty": 1.05}
-    assert q.load_model(write_ckpt(tmp_path, base_sd, base_cfg, gen=gen)).generation_config == gen
+    gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "eos_token_id": [1, 2],
+           "repetition_penalty": 1.05, "max_new_tokens": 64}
+    g = q.load(write_ckpt(tmp_path, base_sd, base_cfg, gen=gen), tokenizer=False).generation_config
+    assert g.raw == gen and g.eos_token_id == (1, 2) and g.max_new_tokens == 64
+    assert g.pad_token_id == base_cfg["pad_token_id"]  # not in the file: config.json's
+    assert g.sampling == q.SamplingParams(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
+
+
+def test_generation_config_bad_values_name_file_and_key(tmp_path, base_sd, base_cfg):
+    folder = write_ckpt(tmp_path, base_sd, base_cfg, gen={"eos_token_id": "two"})
+    error(lambda: q.load_model(folder), "generation_config.json", "eos_token_id")
+    folder = write_ckpt(tmp_path / "b", base_sd, base_cfg, gen={"do_sample": True, "top_p": 1.5})
+    error(lambda: q.load_model(folder), "generation_config.json", "top_p")
 
 
 def test_generation_config_not_json_names_file(tmp_path, base_sd, base_cfg):
