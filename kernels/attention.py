@@ -15,7 +15,6 @@ fp32 running max / sum / accumulator. Rows that see no key at all (left padding)
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -189,27 +188,3 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                      GROUP=G, HEAD_DIM=D, CAUSAL=bool(causal), HAS_BIAS=attn_bias is not None,
                      HAS_PAD=key_padding is not None, UPCAST=upcast(q.dtype), DOT_PREC=dot_precision(q.dtype))
     return o
-
-
-def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                              sm_scale: Optional[float] = None, *, key_padding: Optional[torch.Tensor] = None,
-                              attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The same contract in plain PyTorch, fp32 softmax; rows that see nothing give zeros."""
-    B, H_q, T, D = q.shape
-    H_kv, S = k.shape[1], k.shape[2]
-    G = H_q // H_kv
-    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    kk = k.float().repeat_interleave(G, dim=1)  # (B, H_q, S, D): head j reads KV head j // G
-    vv = v.float().repeat_interleave(G, dim=1)
-    scores = torch.matmul(q.float(), kk.transpose(2, 3)) * sm_scale  # (B, H_q, T, S)
-    if attn_bias is not None:
-        scores = scores + attn_bias.float()
-    visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = visible & (torch.arange(S, device=q.device)[None, :]
-                             <= torch.arange(T, device=q.device)[:, None] + (S - T))
-    if key_padding is not None:
-        visible = visible & key_padding.bool()[:, None, None, :]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all -inf row: nan -> zeros
-    return torch.matmul(probs, vv).to(q.dtype)

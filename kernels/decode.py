@@ -165,21 +165,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                               lse_part.stride(0), lse_part.stride(1), o.stride(0), o.stride(1), H_q, splits,
                               HEAD_DIM=D, BLOCK_S=next_pow2(splits), num_warps=4)
     return o
-
-
-def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               cache_seqlens: torch.Tensor, sm_scale: Optional[float] = None, *,
-                               key_padding: Optional[torch.Tensor] = None, num_splits: Optional[int] = None):
-    """The same contract in plain PyTorch (fp32 softmax); a sequence that sees no slot gets zeros."""
-    B, H_q, D = q.shape
-    H_kv, S_max = k_cache.shape[1], k_cache.shape[2]
-    G = H_q // H_kv
-    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    qg = q.float().view(B, H_kv, G, D)  # the G heads of a group against their shared KV head
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k_cache.float()) * sm_scale  # (B, H_kv, G, S_max)
-    visible = torch.arange(S_max, device=q.device)[None, :] < cache_seqlens.to(q.device)[:, None]  # (B, S_max)
-    if key_padding is not None:
-        visible = visible & key_padding.bool()
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhgs,bhsd->bhgd", probs, v_cache.float()).reshape(B, H_q, D).to(q.dtype)

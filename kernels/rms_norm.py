@@ -3,6 +3,8 @@
 transformers' order, which decides the rounding in fp16 / bf16: h = residual + x in the activation dtype;
 normalize h in fp32; cast back to the activation dtype; *then* multiply by the weight (in the promoted
 dtype). One program per row, the whole row in one block (hidden sizes up to 8192 for Qwen2-72B).
+The references are `qwen2_pure.ops.rms_norm` and, with the residual, `qwen2_pure.ops.add_rms_norm`, which the
+model's decoder layers call for every residual add.
 """
 
 from __future__ import annotations
@@ -57,11 +59,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
                                   BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
-    if residual is not None:
-        x = residual + x
-    x32 = x.float()
-    out = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return out if residual is None else (out, x)

@@ -73,16 +73,3 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                         HALF=D // 2, BLOCK_D=next_pow2(D // 2), BLOCK_HQ=next_pow2(H_q), BLOCK_HK=next_pow2(H_kv),
                         num_warps=4)
     return q, k
-
-
-def rope_reference_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The same, written as transformers' apply_rotary_pos_emb, copied back into q and k."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
-
-    def rotate_half(x):
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    q.copy_(q * cos + rotate_half(q) * sin)
-    k.copy_(k * cos + rotate_half(k) * sin)
-    return q, k

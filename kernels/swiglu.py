@@ -29,7 +29,3 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     BLOCK = 1024
     _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=4)
     return out
-
-
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(gate) * up

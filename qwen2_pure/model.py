@@ -213,8 +213,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, masks, cache, input_pos, kv_len):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, masks[self.window], cache, input_pos, kv_len)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """h: the residual stream (B, T, H), or the pair (h, delta) with the previous layer's MLP output not yet
+        added. Returns that pair for this layer: each residual add runs fused with the norm that reads its sum
+        (`ops.add_rms_norm`: h + delta, then the norm, transformers' order); the last one with the final norm."""
+        norm = self.input_layernorm
+        if isinstance(h, tuple):
+            h, x = ops.add_rms_norm(*h, norm.weight, norm.eps, norm.settings)
+        else:  # the first layer: the embeddings
+            x = norm(h)
+        attn = self.self_attn(x, cos, sin, masks[self.window], cache, input_pos, kv_len)
+        norm = self.post_attention_layernorm
+        h, x = ops.add_rms_norm(h, attn, norm.weight, norm.eps, norm.settings)
+        return h, self.mlp(x)
 
 
 class Qwen2Model(nn.Module):
@@ -329,6 +339,8 @@ class Qwen2ForCausalLM(nn.Module):
                  for w in {layer.window for layer in self.model.layers}}
         for layer in self.model.layers:
             h = layer(h, cos, sin, masks, cache, input_pos, kv_len)
+        h, delta = h  # the last layer's residual stream and MLP output, added in the final norm
         if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+            h, delta = h[:, -1:], delta[:, -1:]
+        norm = self.model.norm
+        return self.lm_head(ops.add_rms_norm(h, delta, norm.weight, norm.eps, norm.settings)[1])

@@ -1,7 +1,9 @@
-"""The few operations a faster backend may replace: RMSNorm, RoPE, attention, SwiGLU, and the linear product.
+"""The few operations a faster backend may replace: RMSNorm (alone and after the residual add), RoPE,
+attention, SwiGLU, and the linear product.
 
 Each function here is the PyTorch reference, written in transformers' exact op order so that fp32 logits
-match it bit for bit on CPU (and bf16 ones too, where the order decides the rounding).
+match it bit for bit on CPU (and bf16 ones too, where the order decides the rounding). These are the only
+references: the kernels' tests (tests/test_kernels.py) compare each kernel with the function here.
 
 What runs is decided by a `Settings` object (`qwen2_pure.settings`) chosen when the model is loaded and
 passed in by the model's modules; nothing here reads the environment. With `settings.kernels` "auto", CUDA
@@ -110,6 +112,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, settings: Settin
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 settings: Settings = DEFAULT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it: (h + delta, rms_norm(h + delta)). transformers' order: the
+    sum is rounded to the activation dtype (`residual + hidden_states`), then normalized as `rms_norm` does.
+    The Triton kernel does both in one pass over the row."""
+    k = _triton(settings, h, delta, weight)
+    if k and h.dtype == delta.dtype and h.shape == delta.shape:
+        normed, h = k.rms_norm(delta, weight, eps, residual=h)
+        return h, normed
+    h = h + delta
+    return h, rms_norm(h, weight, eps, settings)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

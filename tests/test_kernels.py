@@ -1,29 +1,40 @@
-"""The Triton kernels against their PyTorch references and torch SDPA.
+"""The Triton kernels against the one PyTorch reference, `qwen2_pure.ops` with `Settings(kernels="torch")`, and
+the kernel switch: kernels asked for but not importable fail or warn, never fall back silently.
 
-On a CPU they run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before anything
-imports triton); on a GPU (benchmarks/gpu_check.sh) the same tests run the compiled kernels. The
-interpreter is slow, so the grid is a chosen set of cases that covers every value of each axis — group
-sizes 1, 2, 7, 8; T and S in {1, 17, 64, 129}; head_dim 64 and 128; fp32, fp16 and bf16 — not their full
-product. Every buffer the kernels allocate is NaN-poisoned, so an element they fail to write fails the test.
+On a CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before anything
+imports triton); on a GPU (benchmarks/gpu_check.sh) the same tests run the compiled kernels. The interpreter is
+slow, so the grid is a chosen set of cases that covers every value of each axis — group sizes 1, 2, 7, 8; T and
+S in {1, 17, 64, 129}; head_dim 64 and 128; fp32, fp16 and bf16 — not their full product. Every buffer the
+kernels allocate is NaN-poisoned, so an element they fail to write fails the test. The attention references
+run on the inputs upcast to fp32 (the kernels accumulate in fp32) and round the result to the input dtype.
 bf16 runs by upcast in the interpreter (its bf16 arithmetic is wrong), and its fp32 -> bf16 casts truncate,
-hence the looser bf16 tolerance.
+hence the looser bf16 tolerance. The switch tests need no triton.
 """
 
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-pytest.importorskip("triton")
-import qwen2_pure.kernels as K  # noqa: E402  (after the importorskip)
+from qwen2_pure import ops
+from qwen2_pure.errors import Qwen2PureError
+from qwen2_pure.settings import Settings
+
+try:
+    import qwen2_pure.kernels as K
+except ImportError as e:  # no triton: only the switch tests run
+    K, _WHY = None, f"triton is not importable ({e})"
+else:
+    _WHY = "no GPU and TRITON_INTERPRET is not set"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not K.INTERPRET:
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+needs_kernels = pytest.mark.skipif(K is None or (DEVICE == "cpu" and not K.INTERPRET), reason=_WHY)
+TORCH = Settings(fast=False, kernels="torch")  # the references, in transformers' op order
+TRITON = Settings(fast=False, kernels="triton")
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 if DEVICE == "cuda":
@@ -84,6 +95,14 @@ def _pad_mask(B, S, seed):
     return keep.to(DEVICE)
 
 
+def attention_reference(q, k, v, visible, dtype):
+    """`ops.attention` on the fp32 inputs with `visible` (B|1, 1, T, S) as the model's additive mask."""
+    mask = torch.zeros(visible.shape, device=DEVICE).masked_fill(~visible, torch.finfo(torch.float32).min)
+    out = ops.attention(q.float(), k.float(), v.float(), mask, q.shape[-1] ** -0.5, TORCH)
+    return out.to(dtype)
+
+
+@needs_kernels
 @pytest.mark.parametrize("hq,hkv,T,S,D,dtype,causal,padded", PREFILL,
                          ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, bool) else None)
 def test_flash_attention(hq, hkv, T, S, D, dtype, causal, padded):
@@ -94,21 +113,19 @@ def test_flash_attention(hq, hkv, T, S, D, dtype, causal, padded):
     keep = _pad_mask(B, S, 3) if padded else None
     out = K.flash_attention(q, k, v, causal=causal, key_padding=keep)
     assert out.shape == (B, hq, T, D) and out.dtype == dtype
-    ref = K.flash_attention_reference(q, k, v, causal=causal, key_padding=keep)
-    close(out, ref, dtype, "vs reference")
-    # torch SDPA in fp32 (the upcast inputs), GQA mapping j -> j // G
     visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=DEVICE)
-    if causal:
+    if causal:  # bottom-right: query t sits at position S - T + t
         visible &= torch.ones(T, S, dtype=torch.bool, device=DEVICE).tril(S - T)
     if keep is not None:
         visible &= keep[:, None, None, :]
-    sdpa = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible, enable_gqa=True)
-    seen = visible.any(-1, keepdim=True)  # SDPA gives NaN for a row that sees nothing; ours gives zeros
-    close(out.float().masked_fill(~seen, 0), sdpa.nan_to_num(0.0).masked_fill(~seen, 0), dtype, "vs SDPA")
+    seen = visible.any(-1, keepdim=True)  # a row that sees nothing: the reference averages, ours gives zeros
+    ref = attention_reference(q, k, v, visible, dtype)
+    close(out.float().masked_fill(~seen, 0), ref.float().masked_fill(~seen, 0), dtype, "vs ops.attention")
     if padded:
         assert (out.float().masked_fill(seen, 0) == 0).all(), "a row that sees no key must be zeros"
 
 
+@needs_kernels
 def test_flash_attention_with_the_models_additive_mask():
     # what ops.attention hands the kernel for a prefill: dtype-min where masked, broadcast over batch
     from qwen2_pure.model import attention_mask_4d
@@ -119,7 +136,9 @@ def test_flash_attention_with_the_models_additive_mask():
     for pad, window in [(None, None), (padding, None), (padding, 24)]:
         mask = attention_mask_4d(torch.arange(S - T, S, device=DEVICE), S, pad, window, dtype)
         out = K.flash_attention(q, k, v, causal=False, attn_bias=mask)
-        close(out, K.flash_attention_reference(q, k, v, causal=False, attn_bias=mask), dtype, f"window={window}")
+        close(out, attention_reference(q, k, v, mask == 0, dtype), dtype, f"window={window}")
+        # and through the switch, as the model calls it
+        close(ops.attention(q, k, v, mask, D ** -0.5, TRITON), out, dtype, f"ops, window={window}")
 
 
 # ---- decode attention ----------------------------------------------------------------------------------------
@@ -133,6 +152,16 @@ DECODE = [
 ]
 
 
+def decode_reference(q, k, v, seqlens, dtype, keep=None):
+    """`ops.attention` for one query token (T = 1) reading slots [0, seqlens[b]) (and `keep`)."""
+    S = k.shape[2]
+    visible = torch.arange(S, device=DEVICE)[None, :] < seqlens[:, None]  # (B, S)
+    if keep is not None:
+        visible &= keep
+    return attention_reference(q[:, :, None], k, v, visible[:, None, None, :], dtype)[:, :, 0]
+
+
+@needs_kernels
 @pytest.mark.parametrize("hq,hkv,S,D,dtype,lengths,splits", DECODE,
                          ids=lambda v: str(v).replace("torch.", "") if v is not None else "auto")
 def test_decode_attention(hq, hkv, S, D, dtype, lengths, splits):
@@ -143,13 +172,10 @@ def test_decode_attention(hq, hkv, S, D, dtype, lengths, splits):
     seqlens = torch.tensor(lengths, device=DEVICE)
     out = K.decode_attention(q, k, v, seqlens, num_splits=splits)
     assert out.shape == (B, hq, D) and out.dtype == dtype
-    close(out, K.decode_attention_reference(q, k, v, seqlens), dtype, "vs reference")
-    visible = torch.arange(S, device=DEVICE)[None, :] < seqlens[:, None]
-    sdpa = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(),
-                                          attn_mask=visible[:, None, None, :], enable_gqa=True)[:, :, 0]
-    close(out, sdpa, dtype, "vs SDPA")
+    close(out, decode_reference(q, k, v, seqlens, dtype), dtype, "vs ops.attention")
 
 
+@needs_kernels
 def test_decode_attention_left_padding_and_cache_views():
     # the model's decode: caches sliced to the live length (strided views), left padding as key_padding
     B, hq, hkv, S_max, D = 2, 14, 2, 64, 64
@@ -162,25 +188,32 @@ def test_decode_attention_left_padding_and_cache_views():
     k, v = k_full[:, :, :S], v_full[:, :, :S]
     lens = torch.full((B,), S, device=DEVICE)
     out = K.decode_attention(q, k, v, lens, key_padding=keep, num_splits=3)
-    close(out, K.decode_attention_reference(q, k, v, lens, key_padding=keep), torch.float32, "padded decode")
+    close(out, decode_reference(q, k, v, lens, torch.float32, keep), torch.float32, "padded decode")
 
 
 # ---- RMSNorm, RoPE, SwiGLU -----------------------------------------------------------------------------------
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_rms_norm(dtype, residual):
     x = rand(3, 5, 896, dtype=dtype, seed=10)
     w = (torch.rand(896, generator=torch.Generator().manual_seed(11)) + 0.5).to(dtype).to(DEVICE)
-    res = rand(3, 5, 896, dtype=dtype, seed=12) if residual else None
-    out = K.rms_norm(x, w, 1e-6, residual=res)
-    ref = K.rms_norm_reference(x, w, 1e-6, residual=res)
-    if residual:
-        close(out[1], ref[1], dtype, "residual sum")
-        out, ref = out[0], ref[0]
-    close(out, ref, dtype, "rms_norm")
+    if not residual:
+        out = K.rms_norm(x, w, 1e-6)
+        close(out, ops.rms_norm(x, w, 1e-6, TORCH), dtype, "rms_norm")
+        assert torch.equal(ops.rms_norm(x, w, 1e-6, TRITON), out)  # the switch runs the kernel
+        return
+    h = rand(3, 5, 896, dtype=dtype, seed=12)  # the residual stream; x is the layer's output added to it
+    out, h_out = K.rms_norm(x, w, 1e-6, residual=h)
+    h_ref, ref = ops.add_rms_norm(h, x, w, 1e-6, TORCH)
+    close(h_out, h_ref, dtype, "residual sum")
+    close(out, ref, dtype, "rms_norm of the sum")
+    h_tri, out_tri = ops.add_rms_norm(h, x, w, 1e-6, TRITON)
+    assert torch.equal(h_tri, h_out) and torch.equal(out_tri, out)
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype,hq,hkv,D,T", [(torch.float32, 14, 2, 64, 17), (torch.float16, 8, 1, 128, 1),
                                               (torch.bfloat16, 4, 4, 64, 64)], ids=str)
 def test_rope_in_place(dtype, hq, hkv, D, T):
@@ -190,7 +223,7 @@ def test_rope_in_place(dtype, hq, hkv, D, T):
     ang = torch.rand(B, T, D // 2, generator=torch.Generator().manual_seed(15)) * 6
     ang = torch.cat([ang, ang], -1)
     cos, sin = ang.cos().to(dtype).to(DEVICE), ang.sin().to(dtype).to(DEVICE)
-    q_ref, k_ref = K.rope_reference_(q.clone(), k.clone(), cos, sin)
+    q_ref, k_ref = ops.apply_rope(q, k, cos, sin, TORCH)
     q_ptr = q.data_ptr()
     q_out, k_out = K.rope_(q, k, cos, sin)
     assert q_out.data_ptr() == q_ptr  # in place
@@ -198,21 +231,61 @@ def test_rope_in_place(dtype, hq, hkv, D, T):
     close(k, k_ref, dtype, "rope k")
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_swiglu(dtype):
     gate, up = rand(3, 7, 4864, dtype=dtype, seed=16), rand(3, 7, 4864, dtype=dtype, seed=17)
-    close(K.swiglu(gate, up), K.swiglu_reference(gate, up), dtype, "swiglu")
+    close(K.swiglu(gate, up), ops.swiglu(gate, up, TORCH), dtype, "swiglu")
 
 
 # ---- the switch and the model end to end ----------------------------------------------------------------------
 
-def test_switch_rejects_unknown_values(monkeypatch):
-    from qwen2_pure import ops
-    monkeypatch.setenv("QWEN2_PURE_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="QWEN2_PURE_KERNELS"):
-        ops.swiglu(torch.ones(2), torch.ones(2))
-    monkeypatch.setenv("QWEN2_PURE_KERNELS", "torch")
-    assert ops._triton(torch.ones(2, device=DEVICE)) is None
+MISSING = "the Triton kernels cannot be imported (simulated)"
+
+
+def tiny_model():
+    from qwen2_pure.config import Qwen2Config
+    from qwen2_pure.model import Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_settings_reject_unknown_kernel_choices():
+    with pytest.raises(Qwen2PureError, match="kernels='cuda' is invalid"):
+        Settings(kernels="cuda")
+    with pytest.raises(Qwen2PureError, match="QWEN2_PURE_KERNELS='cuda'"):
+        Settings.from_env({"QWEN2_PURE_KERNELS": "cuda"})
+    assert Settings.from_env({"QWEN2_PURE_KERNELS": "torch"}).kernels == "torch"
+
+
+def test_kernels_asked_for_but_not_importable_fail_or_warn(monkeypatch):
+    """A checkout where kernels/ is not mapped (or triton is missing): kernels="triton" is an error when the
+    model is configured and at every op; "auto" on CUDA warns once, at configure; never a silent fallback."""
+    monkeypatch.setattr(ops, "_kernels", MISSING)  # what load_kernels caches when the import fails
+    model = tiny_model()
+    with pytest.raises(Qwen2PureError, match=r"kernels='triton': the Triton kernels cannot be imported"):
+        model.configure(Settings(kernels="triton"))
+    assert model.settings.kernels == "auto"  # unchanged by the refused configure
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(Qwen2PureError, match="kernels='triton'"):
+        ops.rms_norm(x, w, 1e-6, Settings(kernels="triton"))
+    with pytest.warns(UserWarning, match=r"kernels='auto' on cuda: the Triton kernels cannot be imported.*"
+                                         "running the PyTorch references"):
+        ops.check_kernels(Settings(kernels="auto"), torch.device("cuda"))
+    with warnings.catch_warnings():  # "auto" on a CPU and "torch" never want the kernels: nothing to say
+        warnings.simplefilter("error")
+        model.configure(Settings(kernels="auto"))
+        model.configure(Settings(kernels="torch"))
+        ops.check_kernels(Settings(kernels="torch"), torch.device("cuda"))
+        assert torch.equal(ops.rms_norm(x, w, 1e-6, Settings(kernels="auto")), ops.rms_norm(x, w, 1e-6, TORCH))
+
+
+def test_torch_never_imports_the_kernels(monkeypatch):
+    monkeypatch.setattr(ops, "load_kernels", lambda: pytest.fail("kernels='torch' imported the kernels"))
+    model = tiny_model().configure(TORCH)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert ops._triton(TORCH, torch.ones(2, device=DEVICE)) is None
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +297,12 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def test_model_logits_triton_path_equal_reference_path(tiny_checkpoint, monkeypatch):
-    """Left-padded prefill then three cached decode steps, once per path: same logits."""
+@needs_kernels
+def test_model_logits_triton_path_equal_reference_path(tiny_checkpoint):
+    """Left-padded prefill then three cached decode steps, once per path (`model.configure`): same logits."""
     import qwen2_pure as q
     from hf_utils import VOCAB
-    model = q.load_model(tiny_checkpoint).to(DEVICE)
+    model = q.load_model(tiny_checkpoint, device=DEVICE)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB - 2, (2, 20), generator=g).to(DEVICE)
     mask = torch.ones(2, 23, dtype=torch.long, device=DEVICE)
@@ -236,7 +310,7 @@ def test_model_logits_triton_path_equal_reference_path(tiny_checkpoint, monkeypa
     steps = torch.randint(0, VOCAB - 2, (2, 3), generator=g).to(DEVICE)
 
     def run(backend):
-        monkeypatch.setenv("QWEN2_PURE_KERNELS", backend)
+        model.configure(model.settings.replace(kernels=backend))
         cache = model.new_cache(2, 32)
         out = [model(ids, attention_mask=mask[:, :20], cache=cache, input_pos=torch.arange(20, device=DEVICE))]
         for i in range(3):
@@ -253,6 +327,7 @@ def test_model_logits_triton_path_equal_reference_path(tiny_checkpoint, monkeypa
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {i}: {m}")
 
 
+@needs_kernels
 def test_attention_benchmark_smoke(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, QWEN2_PURE_KERNELS="auto")
