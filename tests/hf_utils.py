@@ -37,6 +37,90 @@ def load_hf(path, dtype=torch.float32, attn="eager"):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
 
 
+# ---- tolerances measured on the machine that runs the test ----------------------------------------------------
+# Two computations that are the same in exact arithmetic (a padded row and the row alone, a cached decode and
+# the full forward, SDPA and eager attention) differ in fp32/bf16 by however the CPU's kernels block their sums
+# for the shapes at hand (0 or 8e-5 apart on one Xeon, by shape and ISA), for transformers as for us. So a test
+# never states a tolerance: it measures transformers' own distance for the same pair here and bounds ours by it.
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_within_reference(ours_a, ours_b, ref_a, ref_b, *, what, factor=4.0, floor_ulps=4):
+    """Assert max|ours_a - ours_b| <= max(factor * max|ref_a - ref_b|, floor), and return both distances.
+
+    ours_a/ours_b: our two computations that should agree; ref_a/ref_b: the reference's (transformers') same
+    pair on the same inputs and machine. The floor, `floor_ulps` fp32 units in the last place of the largest
+    |ref_a|, lets a pair that is exact in transformers be a few roundings apart in ours (other GEMM shapes).
+    `factor` > 1 because our shapes (grouped heads, static cache slots) are not transformers', so our rounding
+    noise is of the same size, not the same numbers. A real bug (a wrong mask, position or slot) moves logits
+    by whole units, orders of magnitude above this bound."""
+    ours, ref = max_diff(ours_a, ours_b), max_diff(ref_a, ref_b)
+    floor = floor_ulps * torch.finfo(torch.float32).eps * ref_a.float().abs().max().item()
+    bound = max(factor * ref, floor)
+    assert ours <= bound, (f"{what}: our distance {ours:.3g} > {bound:.3g} = max({factor:g} x the reference's "
+                           f"distance {ref:.3g} for the same pair on this machine, floor {floor:.3g})")
+    return ours, ref
+
+
+def grouped_gemms_exact(heads: int, kv_heads: int, head_dim: int, batch: int, length: int,
+                        dtype=torch.float32) -> bool:
+    """Whether this machine's GEMMs give the same bits for our grouped attention products ((B, H_kv, n_rep*T, D)
+    @ (B, H_kv, D, T), then the probabilities @ V) as for transformers' per-head ones after repeat_kv. They do
+    with MKL's AVX-512 and oneDNN kernels; MKL's AVX2 sgemm (an AVX2-only CPU, or MKL_ENABLE_INSTRUCTIONS=AVX2)
+    blocks by rows and rounds them up to ~1e-5 apart for some shapes: there bit-for-bit parity is not real."""
+    g = torch.Generator().manual_seed(0)
+    n, B, T, D = heads // kv_heads, batch, length, head_dim
+    q = torch.randn(B, heads, T, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, kv_heads, T, D, generator=g).to(dtype) for _ in range(2))
+    p = torch.rand(B, heads, T, T, generator=g).to(dtype)
+    theirs = (q @ k.repeat_interleave(n, 1).transpose(2, 3), p @ v.repeat_interleave(n, 1))
+    ours = ((q.reshape(B, kv_heads, n * T, D) @ k.transpose(2, 3)).view(B, heads, T, T),
+            (p.reshape(B, kv_heads, n * T, T) @ v).view(B, heads, T, D))
+    return all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def assert_same_op_order(ours, ref, other, *, config, ids, what):
+    """Ours against transformers' eager attention, which we follow op for op: bit for bit wherever this machine's
+    GEMMs round our grouped-head shapes as transformers' per-head ones (`grouped_gemms_exact`, for the input
+    `ids` (B, T) and `config`'s heads). Where they do not, ours must be no further from transformers' eager
+    logits than transformers' own SDPA ones are: `other()` returns those (the same positions as `ref`)."""
+    B, T = ids.shape
+    if grouped_gemms_exact(config.num_attention_heads, config.num_key_value_heads, config.head_dim, B, T, ours.dtype):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0, msg=lambda m: f"{what}, same op order: {m}")
+    else:
+        assert_within_reference(ours, ref, other(), ref, what=f"{what} (this machine's GEMMs round by shape)")
+
+
+def _cache_kwarg(hf) -> str:
+    import inspect
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # 5.x renamed it
+
+
+def hf_cached_logits(hf, x: torch.Tensor, prefill: int) -> torch.Tensor:
+    """transformers' logits for `x` (B, T) from a prefill of `prefill` tokens then one cached step per token."""
+    out = hf(x[:, :prefill], use_cache=True)
+    logits = [out.logits]
+    for t in range(prefill, x.shape[1]):
+        out = hf(x[:, t:t + 1], use_cache=True, **{_cache_kwarg(hf): out.past_key_values})
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def hf_step_logits(hf, prompt: torch.Tensor, mask: torch.Tensor, step: torch.Tensor, static_len=None):
+    """transformers' logits for one decode step `step` (B, 1) after a prefill of `prompt` (B, T), with the
+    2-D `mask` (B, T + 1) (left padding allowed): through a StaticCache of `static_len` slots, or a DynamicCache."""
+    import transformers
+    B, T = prompt.shape
+    cache = (transformers.DynamicCache() if static_len is None
+             else transformers.StaticCache(config=hf.config, max_cache_len=static_len, batch_size=B))
+    kw = {_cache_kwarg(hf): cache, "use_cache": True}
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hf(prompt, attention_mask=mask[:, :T], position_ids=pos[:, :T], cache_position=torch.arange(T), **kw)
+    return hf(step, attention_mask=mask, position_ids=pos[:, T:], cache_position=torch.tensor([T]), **kw).logits
+
+
 def make_hf_moe_checkpoint(path, *, heads=14, kv_heads=2, head_dim=32, layers=2, tied=False, intermediate=64,
                            experts=8, top_k=3, moe_intermediate=32, shared_intermediate=48, vocab=VOCAB, seed=0,
                            max_pos=256, **extra):
