@@ -760,3 +760,12 @@ def test_cli_module_help_lists_commands():
     help_text = cli.build_parser().format_help()
     for cmd in ("generate", "chat", "convert"):
         assert cmd in help_text
+
+
+def test_generate_tiny_temperature_is_greedy(capsys, model_dir, loaded):
+    """--temperature 1e-40 used to overflow the sampler (a raw traceback); below 1e-5 is greedy (vLLM's rule)."""
+    model, tok = loaded
+    rc, out, err = run_main(capsys, "generate", "--model", model_dir, "--prompt", "Hello", "--temperature", "1e-40")
+    assert rc == 0, err
+    assert out == api_text(model, tok, "Hello")
+    assert "Traceback" not in err and error_lines(err) == [], err

@@ -692,3 +692,64 @@ def test_web_chat_page(server, loaded, browser):
     wait.until(lambda d: len(finished_answers()) == 1)
     assert last_answer_text() == reference(model, tok, chat_ids(tok, "Hello"), 3)[0]
     assert "3 tokens" in finished_answers()[0].find_element(By.CSS_SELECTOR, ".meta").text
+
+
+# ---- one request's values never hurt its neighbours; the compiled step ------------------------------------
+
+def test_degenerate_sampling_values_beside_a_running_stream(server, loaded, monkeypatch):
+    """While a greedy stream runs, a request with temperature=1e-40 (greedy: vLLM's rule) and one with
+    repetition_penalty=1e-300 (the +inf logits saturate) both get 200s, and the stream ends exactly as alone."""
+    model, tok = loaded
+    name = server.app.state.info.model_name
+    story = "Tell me a long story about the sea"
+    expected = reference(model, tok, tok.encode(story), 60)[0]
+    expected_tiny = reference(model, tok, tok.encode("Hello"), 8)[0]
+    expected_penalised = reference(model, tok, tok.encode("Once upon a time"), 8, temperature=1.0,
+                                   repetition_penalty=1e-300, seed=3)[0]
+    real, batches = model.forward, []
+
+    def forward(input_ids, *args, **kwargs):  # slow enough that the stream is still running; record batch sizes
+        batches.append(input_ids.shape[0])
+        time.sleep(0.015)
+        return real(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    stream = iter(server.client().completions.create(model=name, prompt=story, max_tokens=60, stream=True))
+    pieces = [next(stream).choices[0].text]  # the stream runs
+    results = {}
+
+    def ask(key, **kw):
+        results[key] = server.client().completions.create(model=name, max_tokens=8, **kw)
+
+    threads = [threading.Thread(target=ask, args=("tiny",), kwargs=dict(prompt="Hello", temperature=1e-40)),
+               threading.Thread(target=ask, args=("penalised",), kwargs=dict(
+                   prompt="Once upon a time", temperature=1.0, seed=3, extra_body={"repetition_penalty": 1e-300}))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    pieces += [c.choices[0].text for c in stream if c.choices]
+    assert "".join(pieces) == expected
+    assert results["tiny"].choices[0].text == expected_tiny
+    assert results["penalised"].choices[0].text == expected_penalised
+    assert results["penalised"].usage.completion_tokens > 0
+    assert max(batches) >= 2  # the requests shared decode steps with the stream
+    assert raw(server.url, "GET", "/health")[1]["status"] == "ok"
+
+
+def test_compiled_server_runs_the_compiled_step(server, model_dir, loaded):
+    """A server over a model loaded with compile=True (`serve --compile`) decodes with the compiled step
+    (`fast.decode_step_for(model).calls`) and answers what the eager server answers."""
+    from qwen2_pure.fast import decode_step_for
+    _, tok = loaded
+    compiled = qwen2_pure.load_model(model_dir, compile=True)
+    s = LiveServer(create_app(compiled, tok, slots=2, max_seq_len=64))
+    try:
+        name = s.app.state.info.model_name
+        request = dict(model=name, prompt="def fib(n):", max_tokens=8)
+        r = s.client().completions.create(**request)
+        eager = server.client().completions.create(**request)
+        assert r.choices[0].text == eager.choices[0].text and r.usage == eager.usage
+        assert decode_step_for(compiled).calls == r.usage.completion_tokens - 1 > 0  # every decode step compiled
+    finally:
+        s.close()
