@@ -151,7 +151,7 @@ def load_lora_weights(model, directory) -> None:
 
 class Trainer:
     def __init__(self, args: TrainArgs, progress: bool = True):
-        from .. import load_model, load_tokenizer
+        from ..loading import load_model, load_tokenizer, resolve_source
         from ..lora import apply_lora
         from .data import SFTCollator, build_sft_data, resolve_pad_token_id
 
@@ -165,7 +165,6 @@ class Trainer:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        from ..loading import resolve_source
         self.base = str(resolve_source(args.model_name_or_path))  # None: the demo checkpoint's folder
         self.tokenizer = load_tokenizer(self.base)
         self.model = load_model(self.base, dtype=self.dtype, device=self.dist.device)
