@@ -291,9 +291,8 @@ def _speculation(args, tokenizer) -> dict:
     if args.draft_model is None:
         return {}
     from .loading import load
-    source = None if args.draft_model == "demo" and not os.path.exists("demo") else args.draft_model
     t0 = time.perf_counter()
-    draft = load(source, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    draft = load(args.draft_model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     probe = "def main():\n    print('h\u00e9llo, \u4e16\u754c')  # 0.5 + 1e-3<|im_end|>"
     if draft.tokenizer.encode(probe) != tokenizer.encode(probe):
         raise Qwen2PureError(f"--draft-model {args.draft_model}: its tokenizer encodes text differently from the "

@@ -413,3 +413,31 @@ def test_demo_gguf_real_values():
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["max_position_embeddings"]) == (151643, 151645, 32768)
     specs = dict(qg.gguf_tensor_specs(path))
     assert len(specs) == 291 and specs["lm_head.weight"] == (151936, 896)
+
+
+def test_coder_1_5b_assembles_from_installed_parts(monkeypatch, tmp_path):
+    """The optional 1.5B checkpoint goes the demo's way: packages found by module name, sizes checked, the
+    whole hashed, then `load("qwen2.5-coder-1.5b-instruct")` resolves to the verified file."""
+    import dataclasses
+    import hashlib
+    from qwen2_pure.loading import resolve_source
+    contents = [b"GGUF" + bytes(range(60)), b"y" * 100, b"end"]
+    for i, data in enumerate(contents, start=1):
+        pkg = tmp_path / "site" / f"fake_coder_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+    whole = b"".join(contents)
+    spec = dataclasses.replace(demo.CODER_1_5B, package="fake-coder-part", sha256=hashlib.sha256(whole).hexdigest(),
+                               size=len(whole), part_sizes=tuple(len(c) for c in contents))
+    monkeypatch.setattr(demo, "CODER_1_5B", spec)
+    monkeypatch.setenv("QWEN2_PURE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(Qwen2PureError, match=r"fake-coder-part1 .*qwen2-pure\[coder-1-5b\]"):
+        demo.coder_1_5b_gguf_path(progress=False)  # not importable yet
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    path = resolve_source("qwen2.5-coder-1.5b-instruct")
+    assert path == tmp_path / "cache" / "qwen2.5-coder-1.5b-instruct.gguf" and path.read_bytes() == whole
+    monkeypatch.setattr(demo, "CODER_1_5B", dataclasses.replace(spec, part_sizes=(1, 100, 3)))
+    path.unlink()
+    with pytest.raises(Qwen2PureError, match="part 1 of the Qwen2.5-Coder-1.5B-Instruct checkpoint has 64 bytes"):
+        demo.coder_1_5b_gguf_path(progress=False)

