@@ -290,8 +290,7 @@ class Engine:
         if self.t >= self.max_seq_len or (self.t >= COMPACT_FROM and 2 * max(r.length for r in self.rows) < self.t):
             self._compact()
         if self.speculator is not None and len(self.rows) == 1:
-            from .speculative import speculative_step
-            outputs = speculative_step(self, self.rows[0], self.speculator)
+            outputs = self.speculator.step(self)  # qwen2_pure.speculative: guesses verified in one forward
             if outputs is not None:  # None: no guess this time, a plain step
                 return outputs
         n, t = len(self.rows), self.t

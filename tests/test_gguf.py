@@ -58,6 +58,19 @@ def test_config_fields(tiny_gguf, tiny_gguf_tied, tied):
     json.dumps(cfg)  # plain JSON types only
 
 
+def test_config_without_head_count_kv_is_read_by_qwen2config(tiny_gguf, monkeypatch):
+    """GGUF metadata goes through Qwen2Config, the one interpreter: a file without head_count_kv has as many KV
+    heads as query heads (as llama.cpp reads it), stated in config.json; the tiny file's 2-head k_proj then
+    no longer fits, and the plan says so."""
+    field = qg._field
+    monkeypatch.setattr(qg, "_field", lambda reader, key, default=qg._MISSING: default
+                        if key == "qwen2.attention.head_count_kv" else field(reader, key, default))
+    cfg = qg.gguf_config(tiny_gguf)
+    assert cfg["num_key_value_heads"] == cfg["num_attention_heads"] == 14
+    with pytest.raises(Qwen2PureError, match=r"k_proj.*expected \[224, 224\]"):
+        qg.gguf_tensor_specs(tiny_gguf)
+
+
 @pytest.mark.parametrize("kind", ["yarn", "linear"])
 def test_config_rope_scaling(make_tiny_gguf, tmp_path, kind):
     scaling = {"type": kind, "factor": 4.0, "original_context_length": 64}

@@ -401,9 +401,8 @@ def _config(reader) -> tuple[dict, Qwen2Config]:
         "intermediate_size": _int_field(reader, f"{ARCH}.feed_forward_length"),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        # llama.cpp reads a missing head_count_kv as head_count (multi-head attention), as transformers reads
-        # num_key_value_heads: null
-        "num_key_value_heads": _int_field(reader, f"{ARCH}.attention.head_count_kv", heads),
+        # absent: Qwen2Config's reading, multi-head attention (llama.cpp's for a missing head_count_kv too)
+        "num_key_value_heads": _int_field(reader, f"{ARCH}.attention.head_count_kv", None),
         "max_position_embeddings": _int_field(reader, f"{ARCH}.context_length"),
         "rms_norm_eps": _field(reader, f"{ARCH}.attention.layer_norm_rms_epsilon"),
         "rope_theta": _field(reader, f"{ARCH}.rope.freq_base", 10000.0),  # llama.cpp's default when absent
@@ -422,6 +421,7 @@ def _config(reader) -> tuple[dict, Qwen2Config]:
         "torch_dtype": "float32",
     }
     cfg = Qwen2Config.from_dict(d, source=f"{where} (its metadata as config.json)")
+    d["num_key_value_heads"] = cfg.num_key_value_heads  # config.json states it
     for key in (f"{ARCH}.attention.key_length", f"{ARCH}.attention.value_length", f"{ARCH}.rope.dimension_count"):
         v = _int_field(reader, key, None)
         if v is not None and v != cfg.head_dim:
