@@ -201,6 +201,7 @@ class Engine:
             raise Qwen2PureError("stop strings need a tokenizer: Engine(..., tokenizer=tok)")
         seq.params.validate()
 
+    @torch.inference_mode()
     def add(self, seqs: list[Sequence]) -> list[StepOutput]:
         """Prefill `seqs` into free rows (one left-padded forward) and sample their first tokens."""
         if not seqs:
@@ -283,6 +284,7 @@ class Engine:
 
     # ---- decoding -------------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One decode step for every running sequence: the token sampled last is fed, the next one sampled."""
         if not self.rows:
@@ -311,7 +313,7 @@ class Engine:
         pos = torch.tensor([[r.length - 1] for r in rows], dtype=torch.long, device=self.device)
         input_pos = torch.tensor([t], device=self.device)
         dense = self._dense(rows)
-        if self.step_fn is not None and lo == 0:  # rows 0..n-1 of the whole cache (a retry of one row is eager)
+        if self.step_fn is not None and len(indices) == len(self.rows):  # the whole batch; a retry of one row is eager
             return self.step_fn(ids, pos, input_pos, None if dense else self.mask[:hi], self.cache)
         cache = KVCache.wrap(self.cache.k[:, lo:hi], self.cache.v[:, lo:hi])
         return self.model(ids, attention_mask=None if dense else self.mask[lo:hi, :t + 1], position_ids=pos,
@@ -386,6 +388,9 @@ class Engine:
             if errors[j] is None:
                 groups.setdefault(r.sampling_key(), []).append(j)
         for members in groups.values():
+            # a retry row by row must draw what the shared call would have drawn: keep the generators' states
+            states = [(rows[j].generator, rows[j].generator.get_state()) for j in members
+                      if rows[j].generator is not None]
             try:
                 for j, tok in zip(members, self._sample_rows([rows[j] for j in members], logits[members])):
                     tokens[j] = tok
@@ -393,6 +398,8 @@ class Engine:
                 if len(members) == 1:
                     errors[members[0]] = _describe(e, rows[members[0]], "sampling")
                     continue
+                for g, state in states:
+                    g.set_state(state)
                 for j in members:
                     try:
                         tokens[j] = self._sample_rows([rows[j]], logits[j:j + 1])[0]

@@ -261,6 +261,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float,
     finite (NaN logits from the model, or every token removed).
     """
     if is_greedy(temperature):
+        nan = torch.isnan(logits).any(dim=-1)
+        if bool(nan.any()):  # argmax would silently pick the NaN's index
+            raise Qwen2PureError(f"cannot pick a token for row(s) {nan.nonzero().flatten().tolist()}: the logits are "
+                                 "not finite (NaN)")
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits.float(), dim=-1)
     finite = torch.isfinite(probs).all(dim=-1)

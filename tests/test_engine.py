@@ -197,8 +197,6 @@ def test_compiled_step_gives_the_eager_tokens(model, compiled):
     assert step.calls > 0
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.add/step do not run under torch.inference_mode: called directly, "
-                                       "the KV cache joins the autograd graph (CopySlices), which grows every step")
 def test_engine_called_directly_builds_no_autograd_graph(model):
     engine = Engine(model, max_batch=2, max_seq_len=32)
     engine.add([seq(prompt(5, 90), 4)])
@@ -292,9 +290,7 @@ def test_sampling_failure_ends_only_that_row(model, monkeypatch):
 
 @pytest.mark.parametrize("when", [
     "before-drawing",
-    pytest.param("after-drawing", marks=pytest.mark.xfail(strict=True, reason=(
-        "engine._sample: a group retried row by row draws again from generators the failed group call already "
-        "advanced, so the neighbour's tokens change"))),
+    "after-drawing",
 ])
 def test_sampling_failure_in_a_shared_call(model, monkeypatch, when):
     """Two seeded rows with equal parameters are sampled in one call; when that call raises because of one of
@@ -444,8 +440,6 @@ def test_nan_logits_fail_that_sampled_row(model, monkeypatch):
     check_one_row_fails(model, [same_params, greedy], bad, expected, "not finite", first)
 
 
-@pytest.mark.xfail(strict=True, reason="engine._sample_rows / sampling.sample_next: a greedy row takes the argmax "
-                                       "of NaN logits (token 0) instead of failing")
 def test_nan_logits_fail_that_greedy_row(model, monkeypatch):
     """NaN logits for a greedy row are a failure too, not token 0 (argmax of NaN)."""
     bad, good = seq(prompt(40, 80)), seq(prompt(8, 81))
