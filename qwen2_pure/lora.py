@@ -1,4 +1,4 @@
-"""LoRA: wrapping linear layers, peft-format adapters (save and load), merging and export.
+"""LoRA: wrapping linear layers, peft-format adapters (save and load), merging.
 
 A LoRA layer adds a low-rank update to a frozen linear layer (Hu et al. 2021), exactly as peft does it:
 
@@ -377,7 +377,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], trainable
     return model
 
 
-# ---- merging and export ----------------------------------------------------------------------------------------
+# ---- merging ---------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
