@@ -69,6 +69,12 @@ class Sequence:
     skip_special_tokens: bool = True
     generator: Optional[torch.Generator] = None
     prompt_cache: Optional[PromptCache] = None  # reused for the prompt's prefix, then updated (qwen2_pure.prompt_cache)
+    # each called as f(generated token ids, logits (V,) fp32) -> logits before the penalties and warpers, e.g. a
+    # grammar's mask of the tokens that may come next (-inf elsewhere)
+    logits_processors: Seq[Callable[[list, torch.Tensor], torch.Tensor]] = ()
+    # None: no log-probabilities; k >= 0: each token's log-probability and the k most likely tokens' (from the
+    # model's raw distribution, before processors, penalties and warpers: vLLM's default, "raw_logprobs")
+    logprobs: Optional[int] = None
     id: str = ""
     # state, written by the engine
     tokens: list[int] = field(default_factory=list)  # generated ids (the stop token included)
@@ -88,6 +94,8 @@ class StepOutput:
     seq: Sequence
     token: Optional[int] = None
     text: str = ""
+    logprob: Optional[float] = None  # with Sequence.logprobs: log p(token) under the model's raw distribution
+    top_logprobs: Optional[list] = None  # [(token id, log p)] of the Sequence.logprobs most likely tokens
     finish_reason: Optional[str] = None
     error: Optional[str] = None
 
@@ -96,6 +104,13 @@ def _describe(e: Exception, row: "_Row", where: str) -> str:
     """The message a sequence's failure reports (and the log's traceback)."""
     log.error("%s failed for %s:\n%s", where, row.seq.id or "a sequence", traceback.format_exc())
     return str(e) if isinstance(e, Qwen2PureError) else f"{type(e).__name__}: {e}"
+
+
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list]:
+    """log p(token) and the k most likely tokens' log-probabilities under softmax(logits) (V,)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k) if k > 0 else None
+    return float(lp[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
 
 
 class _Row:
@@ -125,8 +140,9 @@ class _Row:
     def sampling_key(self):
         """Rows with equal keys are sampled in one call."""
         p = self.seq.params
+        own = id(self.seq) if self.seq.logits_processors else None  # a row's own processors: sampled alone
         return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-                p.frequency_penalty, self.generator is None, self.penalties is None)
+                p.frequency_penalty, self.generator is None, self.penalties is None, own)
 
 
 class Engine:
@@ -291,7 +307,8 @@ class Engine:
             return []
         if self.t >= self.max_seq_len or (self.t >= COMPACT_FROM and 2 * max(r.length for r in self.rows) < self.t):
             self._compact()
-        if self.speculator is not None and len(self.rows) == 1:
+        if self.speculator is not None and len(self.rows) == 1 and not self.rows[0].seq.logits_processors \
+                and self.rows[0].seq.logprobs is None:  # those need every position's own sampling pass
             outputs = self.speculator.step(self)  # qwen2_pure.speculative: guesses verified in one forward
             if outputs is not None:  # None: no guess this time, a plain step
                 return outputs
@@ -347,11 +364,13 @@ class Engine:
         rows = [self.rows[i] for i in indices]
         tokens, errors = self._sample(rows, logits, failed)
         outputs, ended = [], []
-        for i, r, tok, err in zip(indices, rows, tokens, errors):
+        for j, (i, r, tok, err) in enumerate(zip(indices, rows, tokens, errors)):
             seq = r.seq
             if err is None:
                 try:
                     out = self._advance(r, tok)
+                    if seq.logprobs is not None:
+                        out.logprob, out.top_logprobs = _logprobs(logits[j], tok, seq.logprobs)
                 except Exception as e:  # detokenization, stop strings
                     err = _describe(e, r, "detokenization")
             if err is not None:
@@ -411,6 +430,8 @@ class Engine:
     def _sample_rows(rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Sample rows that share their parameters, as `generate` has always sampled a batch."""
         p = rows[0].seq.params
+        for f in rows[0].seq.logits_processors:  # such a row is sampled alone (see sampling_key)
+            logits = f(list(rows[0].seq.tokens), logits[0].float())[None]
         if rows[0].penalties is not None:
             logits = torch.cat([r.penalties.apply(logits[j:j + 1], p.repetition_penalty, p.presence_penalty,
                                                   p.frequency_penalty) for j, r in enumerate(rows)])

@@ -448,3 +448,32 @@ def test_nan_logits_fail_that_greedy_row(model, monkeypatch):
     run(Engine(model, max_batch=2, max_seq_len=64), [good, bad])
     assert_as_alone(model, [good], [expected])
     assert_failed(bad, "not finite")
+
+
+def test_logprobs_are_the_raw_distribution_and_processors_shape_the_choice(model):
+    """logprobs: log_softmax of the model's raw logits (vLLM's default), checked against a full forward;
+    a logits processor (a grammar's mask) decides which tokens may come, for its row only."""
+    p = prompt(12, 95)
+    engine = Engine(model, max_batch=2, max_seq_len=64)
+    allowed = torch.tensor([3, 5, 9])
+
+    def only_allowed(tokens, logits):
+        out = torch.full_like(logits, float("-inf"))
+        out[allowed] = logits[allowed]
+        return out
+
+    watched = Sequence(list(p), max_new_tokens=4, stop_token_ids=[], logprobs=3)
+    masked = Sequence(list(p), max_new_tokens=4, stop_token_ids=[], logits_processors=[only_allowed])
+    outs = engine.add([watched, masked])
+    while engine.rows:
+        outs += engine.step()
+    assert masked.tokens and all(t in allowed.tolist() for t in masked.tokens)
+    assert watched.tokens == alone(model, p)[:4]
+    mine = [o for o in outs if o.seq is watched]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([p + watched.tokens[:-1]]))[0, len(p) - 1:].float(), -1)
+    for step, o in enumerate(mine):
+        assert abs(o.logprob - ref[step, o.token].item()) < 1e-4
+        ids = [i for i, _ in o.top_logprobs]
+        assert len(ids) == 3 and ids[0] == o.token  # greedy: the chosen token is the most likely
+        assert ids == torch.topk(ref[step], 3).indices.tolist()
