@@ -17,8 +17,12 @@ repeat the parent asks every worker in turn (drift hits all alike; the others si
 of 1 token (prefill with the output head on the last position only + one greedy pick), then a generation of N
 tokens; prefill tok/s = prompt tokens / TTFT, decode tok/s = (N - 1) / (time of N tokens - TTFT). Greedy, no
 early stop; the prompt is the README's text, repeated, as token ids from our tokenizer (llama.cpp gets the same
-ids). Medians and min–max over the repeats. Peak RSS is the worker's VmHWM (the high-water mark of its own
-address space; ru_maxrss is not used because Linux carries the parent's peak across fork+exec into it).
+ids). Medians and min–max over the repeats. When the N-token run is not slower than the 1-token run (noise
+swamps N - 1 decode steps: a busy machine, or N too small), that repeat's decode rate is not measurable: it is
+null in the JSON and "n/a (noise)" in the table and the log, never a negative or infinite figure; the median
+decode rate is (N - 1) / the median decode time over all repeats, null when that is not positive. Peak RSS is
+the worker's VmHWM (the high-water mark of its own address space; ru_maxrss is not used because Linux carries
+the parent's peak across fork+exec into it).
 
 Machine ceilings, measured in the parent before the engines and again after them: read bandwidth (sum of a
 --bandwidth-mib fp32 tensor, best of several) and matmul rate in fp32 and bf16 (torch.matmul of a prefill's
@@ -53,6 +57,7 @@ import statistics
 import sys
 import time
 import traceback
+from typing import Optional
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,13 +379,23 @@ def llama_ggufs(args) -> dict:
     return {k: Path(v) for k, v in given.items()}
 
 
+def decode_rate(new_tokens: int, decode_s: float) -> Optional[float]:
+    """(N - 1) / the decode time (time of N tokens - TTFT), or None when that time is not positive: noise
+    swamped the difference, and no rate (least of all a negative or infinite one) can be read from it."""
+    return (new_tokens - 1) / decode_s if decode_s > 0 else None
+
+
 def summarize(name, variant, samples, info, prompt_tokens, new_tokens) -> dict:
     ttft, dec = samples["ttft"], samples["decode"]
+    decode_s = [total - first for total, first in zip(samples["total"], ttft)]
+    rates = [x for x in dec if x is not None]
     return {"engine": name, "variant": variant, "ttft_s": statistics.median(ttft),
             "ttft_s_range": [min(ttft), max(ttft)],
             "prefill_tok_s": prompt_tokens / statistics.median(ttft),
             "prefill_tok_s_range": [prompt_tokens / max(ttft), prompt_tokens / min(ttft)],
-            "decode_tok_s": statistics.median(dec), "decode_tok_s_range": [min(dec), max(dec)],
+            "decode_tok_s": decode_rate(new_tokens, statistics.median(decode_s)),
+            "decode_tok_s_range": [min(rates), max(rates)] if rates else None,
+            "decode_noise_repeats": len(dec) - len(rates),
             "load_s": info["load_s"], "warmup_s": info["warmup_s"], "rss_after_load_mb": info["rss_after_load_mb"],
             "peak_rss_mb": info["peak_rss_mb"], "weight_bytes_loaded": info.get("weight_bytes_loaded"),
             "samples": samples}
@@ -406,9 +421,22 @@ def add_rooflines(r: dict, cfg: dict, machine: dict, T: int, ggufs: dict) -> Non
     r["bytes_per_token"], r["flops_per_prompt_token"], r["prefill_compute_dtype"] = nbytes, flops, compute
     r["decode_roofline_tok_s"] = bw / nbytes
     r["prefill_roofline_tok_s"] = rate[compute] / flops if compute in rate else None
-    r["decode_pct_roofline"] = 100 * r["decode_tok_s"] / r["decode_roofline_tok_s"]
+    r["decode_pct_roofline"] = 100 * r["decode_tok_s"] / r["decode_roofline_tok_s"] if r["decode_tok_s"] else None
     r["prefill_pct_roofline"] = (100 * r["prefill_tok_s"] / r["prefill_roofline_tok_s"]
                                  if r["prefill_roofline_tok_s"] else None)
+
+
+NOISE = "n/a (noise)"
+
+
+def decode_cell(r: dict) -> str:
+    """The table's decode figure: median (min–max), with the repeats noise swamped counted, or n/a (noise)."""
+    if r["decode_tok_s"] is None:
+        return NOISE
+    dlo, dhi = r["decode_tok_s_range"]
+    noisy = f"; {r['decode_noise_repeats']} of {len(r['samples']['decode'])} repeats n/a" \
+        if r["decode_noise_repeats"] else ""
+    return f"{r['decode_tok_s']:.2f} ({dlo:.2f}–{dhi:.2f}{noisy})"
 
 
 def table(results: list[dict]) -> str:
@@ -418,9 +446,8 @@ def table(results: list[dict]) -> str:
              "| % prefill roofline | load s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lo, hi = r["prefill_tok_s_range"]
-        dlo, dhi = r["decode_tok_s_range"]
         lines.append(f"| {r['engine']} | {r['variant']} | {r['prefill_tok_s']:.1f} ({lo:.1f}–{hi:.1f}) | "
-                     f"{r['ttft_s']:.3f} | {r['decode_tok_s']:.2f} ({dlo:.2f}–{dhi:.2f}) | "
+                     f"{r['ttft_s']:.3f} | {decode_cell(r)} | "
                      f"{pct(r['decode_pct_roofline'])} | {pct(r['prefill_pct_roofline'])} | {r['load_s']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
@@ -430,7 +457,8 @@ def ratios(results: list[dict]) -> list[dict]:
     ours = [r for r in results if r["engine"] == "qwen2-pure"]
     peers = [r for r in results if r["engine"] != "qwen2-pure"]
     return [{"ours": a["variant"], "peer": f"{b['engine']} {b['variant']}",
-             "prefill": a["prefill_tok_s"] / b["prefill_tok_s"], "decode": a["decode_tok_s"] / b["decode_tok_s"]}
+             "prefill": a["prefill_tok_s"] / b["prefill_tok_s"],
+             "decode": a["decode_tok_s"] / b["decode_tok_s"] if a["decode_tok_s"] and b["decode_tok_s"] else None}
             for a in ours for b in peers]
 
 
@@ -442,11 +470,16 @@ def plot(results: list[dict], path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results)), 4.8))
     colors = {"qwen2-pure": "tab:blue", "transformers": "tab:orange", "llama.cpp": "tab:green"}
     for ax, key, name in zip(axes, ("prefill", "decode"), ("prefill tok/s", "decode tok/s")):
-        vals = [r[f"{key}_tok_s"] for r in results]
-        err = [[v - r[f"{key}_tok_s_range"][0] for v, r in zip(vals, results)],
-               [r[f"{key}_tok_s_range"][1] - v for v, r in zip(vals, results)]]
+        # a figure noise swamped (None) gets no bar, only the words; a range over fewer repeats is drawn as it is
+        vals = [r[f"{key}_tok_s"] or 0.0 for r in results]
+        ranges = [r[f"{key}_tok_s_range"] or [v, v] for v, r in zip(vals, results)]
+        err = [[max(v - lo, 0.0) for v, (lo, hi) in zip(vals, ranges)],
+               [max(hi - v, 0.0) for v, (lo, hi) in zip(vals, ranges)]]
         xs = range(len(results))
         ax.bar(xs, vals, yerr=err, capsize=3, color=[colors.get(r["engine"], "gray") for r in results])
+        for x, r in zip(xs, results):
+            if r[f"{key}_tok_s"] is None:
+                ax.text(x, 0, NOISE, ha="center", va="bottom", rotation=90, fontsize=7)
         roof = [r[f"{key}_roofline_tok_s"] for r in results]
         for x, y in zip(xs, roof):
             if y:
@@ -536,7 +569,7 @@ def main(argv=None):
             f"RSS {w.info['rss_after_load_mb']:.0f} MB")
         workers.append(w)
 
-    samples = {id(w): {"ttft": [], "decode": []} for w in workers}
+    samples = {id(w): {"ttft": [], "total": [], "decode": []} for w in workers}
     try:
         for rep in range(args.repeats):
             for w in workers:  # alternate inside each repeat
@@ -544,12 +577,15 @@ def main(argv=None):
                 total, w.tokens = w.ask("run", ids, N)
                 s = samples[id(w)]
                 s["ttft"].append(ttft)
-                s["decode"].append((N - 1) / (total - ttft))
-                if total <= ttft:
-                    log(f"warning: {w.engine} {w.variant}: the {N}-token run took {total:.3f} s, less than the "
-                        f"1-token run ({ttft:.3f} s): the machine is too noisy, or N too small, for this figure")
+                s["total"].append(total)
+                s["decode"].append(decode_rate(N, total - ttft))
+                if s["decode"][-1] is None:
+                    log(f"warning: {w.engine} {w.variant}: the {N}-token run took {total:.3f} s, no longer than the "
+                        f"1-token run ({ttft:.3f} s): noise swamps the decode time (a busy machine, or N too small); "
+                        "this repeat's decode rate is not measurable")
+                rate = NOISE if s["decode"][-1] is None else f"{s['decode'][-1]:.2f} tok/s"
                 log(f"[repeat {rep + 1}/{args.repeats}] {w.engine} {w.variant}: TTFT {ttft:.3f} s "
-                    f"(prefill {T / ttft:.1f} tok/s), {N} tokens {total:.2f} s, decode {s['decode'][-1]:.2f} tok/s")
+                    f"(prefill {T / ttft:.1f} tok/s), {N} tokens {total:.2f} s, decode {rate}")
         results = []
         for w in workers:
             w.info["peak_rss_mb"] = w.ask("rss")
@@ -606,7 +642,8 @@ def main(argv=None):
             log("--plot skipped: matplotlib is not installed (pip install matplotlib)")
     print()
     for r in rs:
-        print(f"ours {r['ours']} / {r['peer']}: prefill {r['prefill']:.2f}x, decode {r['decode']:.2f}x")
+        decode = NOISE if r["decode"] is None else f"{r['decode']:.2f}x"
+        print(f"ours {r['ours']} / {r['peer']}: prefill {r['prefill']:.2f}x, decode {decode}")
 
 
 if __name__ == "__main__":

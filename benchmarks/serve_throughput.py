@@ -82,7 +82,8 @@ def run_round(url: str, model: str, clients: int, max_tokens: int) -> dict:
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["first"] - r["start"] for r in results]
-    decode = [(r["tokens"] - 1) / (r["end"] - r["first"]) for r in results if r["end"] > r["first"]]
+    # a client's decode rate needs a second token after a measurable time; otherwise it has none (not 0 or inf)
+    decode = [(r["tokens"] - 1) / (r["end"] - r["first"]) for r in results if r["tokens"] > 1 and r["end"] > r["first"]]
     return {"clients": clients, "tokens": tokens, "wall_s": round(end - start, 2),
             "aggregate_tok_s": round(tokens / (end - start), 2),
             "ttft_median_s": round(statistics.median(ttft), 2), "ttft_max_s": round(max(ttft), 2),
