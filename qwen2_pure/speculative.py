@@ -59,7 +59,7 @@ from .sampling import SamplingParams, process_logits
 
 log = logging.getLogger("qwen2_pure.speculative")
 
-__all__ = ["DraftModel", "PromptLookup", "accept_or_resample", "make_speculator", "prompt_lookup",
+__all__ = ["DraftModel", "PromptLookup", "Proposer", "accept_or_resample", "make_speculator", "prompt_lookup",
            "speculative_step"]
 
 
@@ -91,7 +91,17 @@ def prompt_lookup(tokens: Sequence[int], num_tokens: int, max_ngram_size: int = 
     return []
 
 
-class PromptLookup:
+class Proposer:
+    """What `Engine(speculator=)` takes: `num_tokens`, `propose(...)`, and `step(engine)`, which the engine calls
+    instead of a plain step while one sequence runs (so the engine needs no import of this module)."""
+
+    num_tokens: int
+
+    def step(self, engine) -> Optional[list[StepOutput]]:
+        return speculative_step(engine, engine.rows[0], self)
+
+
+class PromptLookup(Proposer):
     """Guesses copied from earlier in the sequence (`prompt_lookup`); deterministic, so q is one-hot."""
 
     def __init__(self, num_tokens: int = 10, max_ngram_size: int = 2):
@@ -105,7 +115,7 @@ class PromptLookup:
         return f"PromptLookup(num_tokens={self.num_tokens}, max_ngram_size={self.max_ngram_size})"
 
 
-class DraftModel:
+class DraftModel(Proposer):
     """A small model of the same tokenizer guesses `num_assistant_tokens` tokens per step, with its own KV
     cache of one row (slot = position). `cached` holds the ids whose keys the cache holds; a proposal feeds the
     sequence from the first id that differs, so rejections, a new sequence or a whole new generation need no
