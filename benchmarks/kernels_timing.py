@@ -10,6 +10,10 @@ import torch
 from triton.testing import do_bench
 
 import qwen2_pure.kernels as K
+from qwen2_pure import ops
+from qwen2_pure.settings import Settings
+
+TORCH = Settings(kernels="torch")  # the PyTorch references of qwen2_pure.ops
 
 
 def main(out="benchmarks/out"):
@@ -28,10 +32,10 @@ def main(out="benchmarks/out"):
     e = 2
     cases = {
         "rms_norm+residual": (lambda: K.rms_norm(x, w, 1e-6, residual=r),
-                              lambda: K.rms_norm_reference(x, w, 1e-6, residual=r), 4 * N * H * e),
-        "rope_ (q and k)": (lambda: K.rope_(q, k, cos, sin), lambda: K.rope_reference_(q, k, cos, sin),
+                              lambda: ops.add_rms_norm(r, x, w, 1e-6, TORCH), 4 * N * H * e),
+        "rope_ (q and k)": (lambda: K.rope_(q, k, cos, sin), lambda: ops.apply_rope(q, k, cos, sin, TORCH),
                             2 * N * (hq + hkv) * D * e + 2 * N * D * e),
-        "swiglu": (lambda: K.swiglu(g, u), lambda: K.swiglu_reference(g, u), 3 * N * I * e),
+        "swiglu": (lambda: K.swiglu(g, u), lambda: ops.swiglu(g, u, TORCH), 3 * N * I * e),
     }
     rows = []
     print(f"{'kernel':<20} {'triton us':>10} {'torch us':>10} {'speed-up':>9} {'triton GB/s':>12}")
