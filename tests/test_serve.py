@@ -643,8 +643,14 @@ def browser(tmp_path):
     driver.quit()
 
 
+def conversation(browser) -> list:
+    """The page's saved conversation (localStorage): the raw text of every message, with each answer's finish."""
+    return browser.execute_script("return JSON.parse(localStorage.getItem('qwen2-pure-chat-conversation'))")
+
+
 def test_web_chat_page(server, loaded, browser):
-    """Send a message in the page, see the streamed answer, regenerate it, clear; keep a screenshot."""
+    """Send a message in the page, see the streamed answer, regenerate it (every finish line stays), reload
+    (conversation and settings stay), clear; every file the page links is served; keep screenshots."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -654,44 +660,214 @@ def test_web_chat_page(server, loaded, browser):
     browser.get(server.url + "/")
     wait.until(EC.text_to_be_present_in_element((By.ID, "model"), server.app.state.info.model_name))
 
+    # the favicon, the vendored libraries and the page's own files are all served
+    urls = browser.execute_script("return [...document.querySelectorAll('link[href], script[src]')]"
+                                  ".map((e) => e.href || e.src)")
+    assert any(u.endswith("/static/favicon.svg") for u in urls) and len(urls) == 7, urls
+    for u in urls:
+        r = Raw(server.url, "GET", urlsplit(u).path)
+        assert r.status == 200 and r.response.read(), u
+        if u.endswith(".svg"):
+            assert r.response.getheader("content-type").startswith("image/svg+xml")
+        r.close()
+    assert "random" in browser.find_element(By.ID, "seed").get_attribute("placeholder")
+
+    def answers():
+        return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+
     def finished_answers():
         return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish]")
 
-    def last_answer_text():
-        return finished_answers()[-1].find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
+    def meta(div):
+        return div.find_element(By.CSS_SELECTOR, ".meta").text
 
     browser.find_element(By.ID, "input").send_keys("Hello")
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: len(finished_answers()) == 1)
     expected = reference(model, tok, chat_ids(tok, "Hello"))[0]
-    assert last_answer_text() == expected
+    saved = conversation(browser)
+    assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["content"] == expected
+    assert saved[1]["meta"]["finish"] == "length" and saved[1]["meta"]["tokens"] == MAX_NEW
     assert finished_answers()[0].get_attribute("data-finish") == "length"
-    assert "tokens" in finished_answers()[0].find_element(By.CSS_SELECTOR, ".meta").text
+    assert "finish: length" in meta(answers()[0]) and f"{MAX_NEW} tokens" in meta(answers()[0])
+    # the Markdown shown is the answer's words (the tiny model writes plain words)
+    shown = answers()[0].find_element(By.CSS_SELECTOR, ".text").text
+    assert shown.split() == expected.split()
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "serve_web_chat.png"))
 
-    # a second turn carries the history; regenerate answers it again (greedy: the same text)
+    # a second turn carries the history; regenerate answers it again (greedy: the same text), and the first
+    # answer keeps its finish line
     browser.find_element(By.ID, "input").send_keys("And then?")
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: len(finished_answers()) == 2)
     msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": expected},
             {"role": "user", "content": "And then?"}]
     second = reference(model, tok, tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True)))[0]
-    assert last_answer_text() == second
+    assert conversation(browser)[3]["content"] == second
     browser.find_element(By.ID, "regenerate").click()
     wait.until(lambda d: len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 4
                and browser.find_elements(By.CSS_SELECTOR, ".msg")[-1].get_attribute("data-finish"))
-    assert last_answer_text() == second
+    assert conversation(browser)[3]["content"] == second
+    assert [a.get_attribute("data-finish") for a in answers()] == ["length", "length"]
+    assert all("finish: length" in meta(a) for a in answers())
 
-    # sampling settings reach the server: max_tokens 3
+    # a reload keeps the conversation, its finish lines and the settings
+    browser.find_element(By.ID, "system").send_keys("Be brief.")
+    browser.find_element(By.ID, "temperature").send_keys("0")
+    before = conversation(browser)
+    browser.refresh()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model"), server.app.state.info.model_name))
+    assert conversation(browser) == before
+    assert [m.get_attribute("class") for m in browser.find_elements(By.CSS_SELECTOR, ".msg")] == \
+        ["msg user", "msg assistant", "msg user", "msg assistant"]
+    assert all("finish: length" in meta(a) for a in answers())
+    assert browser.find_element(By.ID, "system").get_attribute("value") == "Be brief."
+    assert browser.find_element(By.ID, "temperature").get_attribute("value") == "0"
+    browser.save_screenshot(str(ARTIFACTS / "serve_web_chat_reloaded.png"))
+
+    # the settings reach the server: the system prompt kept over the reload, max_tokens 3
     browser.find_element(By.ID, "max_tokens").send_keys("3")
     browser.find_element(By.ID, "clear").click()
-    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [] and conversation(browser) == []
     browser.find_element(By.ID, "input").send_keys("Hello")
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: len(finished_answers()) == 1)
-    assert last_answer_text() == reference(model, tok, chat_ids(tok, "Hello"), 3)[0]
-    assert "3 tokens" in finished_answers()[0].find_element(By.CSS_SELECTOR, ".meta").text
+    assert conversation(browser)[1]["content"] == reference(model, tok, chat_ids(tok, "Hello", "Be brief."), 3)[0]
+    assert "3 tokens" in meta(answers()[0])
+
+
+def scripted_app(answers: list):
+    """The web page over a scripted /v1/chat/completions: each request streams the next of `answers`, a pair
+    (list of OpenAI `delta` dicts, finish_reason), so the page can be shown any answer, tool calls included.
+    The request bodies are kept in app.state.requests."""
+    from fastapi import FastAPI
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from qwen2_pure.serve.app import STATIC
+
+    app = FastAPI()
+    app.state.requests = []
+
+    async def index(request):
+        return FileResponse(STATIC / "index.html")
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+    async def chat(request):
+        app.state.requests.append(await request.json())
+        deltas, finish = answers.pop(0)
+
+        def chunk(**fields):
+            return "data: " + json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
+                                          "model": "scripted", **fields}) + "\n\n"
+
+        def events():
+            yield chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            for d in deltas:
+                yield chunk(choices=[{"index": 0, "delta": d, "finish_reason": None}])
+            yield chunk(choices=[{"index": 0, "delta": {}, "finish_reason": finish}])
+            yield chunk(choices=[], usage={"prompt_tokens": 5, "completion_tokens": len(deltas),
+                                           "total_tokens": 5 + len(deltas)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # plain Starlette endpoints (request in, response out): FastAPI's parameter inference is not wanted here
+    app.router.add_route("/", index, methods=["GET"])
+    app.router.add_route("/v1/models", models, methods=["GET"])
+    app.router.add_route("/v1/chat/completions", chat, methods=["POST"])
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def test_web_chat_renders_markdown_and_never_runs_model_output(browser):
+    """Answers show as Markdown with highlighted code; HTML in an answer (a script, an img with onerror, a
+    javascript: link) is shown as text and never runs, streamed or rendered again after a reload; a JSON
+    answer and a tool call are pretty-printed. The answers come from a scripted API (the tiny model cannot
+    be made to write them)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    script = "<script>window.__pwned=1</script>"
+    img = '<img src=x onerror="window.__pwned=2">'
+    hostile = ("Here is **bold** and `inline`.\n\n```python\ndef f(x):\n    return x + 1\n```\n\n"
+               f"{script}\n\n{img}\n\nInline {img} too, [a link](javascript:window.__pwned=3) and "
+               "![a picture](x)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    pieces = [{"content": hostile[i:i + 7]} for i in range(0, len(hostile), 7)]  # tags split across chunks
+    data = {"name": "Ada", "langs": ["en", "fr"], "n": 2}
+    call = [{"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": ""}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris", "unit": "C"}'}}]}]
+    app = scripted_app([(pieces, "stop"), ([{"content": json.dumps(data)}], "stop"), (call, "tool_calls")])
+    live = LiveServer(app)
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(live.url + "/")
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "scripted"))
+
+        def answers():
+            return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish]")
+
+        def ask(text, n):
+            browser.find_element(By.ID, "input").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda d: len(answers()) == n)
+
+        def check_page():
+            time.sleep(0.3)  # an image's onerror would have fired by now
+            assert browser.execute_script("return window.__pwned") is None
+            chat = browser.find_element(By.ID, "chat")
+            for tag in ("script", "img", "iframe", "style"):
+                assert chat.find_elements(By.TAG_NAME, tag) == [], tag
+            first = answers()[0].find_element(By.CSS_SELECTOR, ".text")
+            text = first.get_attribute("textContent")
+            assert script in text and text.count(img) == 2   # shown as text
+            assert first.find_element(By.TAG_NAME, "strong").text == "bold"
+            assert first.find_element(By.CSS_SELECTOR, ":not(pre) > code").text == "inline"
+            assert len(first.find_elements(By.CSS_SELECTOR, "table td")) == 2
+            code = first.find_element(By.CSS_SELECTOR, "pre code.hljs.language-python")
+            assert code.get_attribute("textContent").rstrip("\n") == "def f(x):\n    return x + 1"
+            assert code.find_element(By.CSS_SELECTOR, ".hljs-keyword").text == "def"   # highlighted
+            links = {a.text: a.get_attribute("href") for a in first.find_elements(By.TAG_NAME, "a")}
+            assert set(links) == {"a link", "a picture"}, links
+            assert not (links["a link"] or "").startswith("javascript:")           # no javascript: URL survives
+            second = answers()[1].find_element(By.CSS_SELECTOR, "pre code.language-json")
+            assert second.get_attribute("textContent") == json.dumps(data, indent=2)
+            tool = answers()[2].find_element(By.CSS_SELECTOR, ".tool-call")
+            assert "get_weather" in tool.find_element(By.CSS_SELECTOR, ".tool-title").text
+            assert tool.find_element(By.TAG_NAME, "code").get_attribute("textContent") == \
+                json.dumps({"city": "Paris", "unit": "C"}, indent=2)
+            assert answers()[2].get_attribute("data-finish") == "tool_calls"
+
+        ask("Show me Markdown", 1)
+        browser.find_element(By.ID, "tools").send_keys('[{"type": "function", "function": {"name": "get_weather"}}]')
+        ask("Some JSON", 2)
+        ask("The weather?", 3)
+        check_page()
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.execute_script("document.getElementById('chat').scrollTop = 0")
+        browser.save_screenshot(str(ARTIFACTS / "serve_web_chat_markdown.png"))
+        browser.execute_script("const c = document.getElementById('chat'); c.scrollTop = c.scrollHeight")
+        browser.save_screenshot(str(ARTIFACTS / "serve_web_chat_tool_call.png"))
+        # what was sent: the tools setting as JSON, the earlier answers as they were streamed
+        sent = app.state.requests
+        assert sent[1]["tools"] == [{"type": "function", "function": {"name": "get_weather"}}]
+        assert sent[1]["messages"][1] == {"role": "assistant", "content": hostile}
+        assert sent[2]["messages"][3] == {"role": "assistant", "content": json.dumps(data)}
+        # the saved conversation goes through the same rendering after a reload
+        browser.refresh()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "scripted"))
+        assert len(answers()) == 3
+        check_page()
+        assert conversation(browser)[5]["tool_calls"] == [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]
+    finally:
+        live.close()
 
 
 # ---- one request's values never hurt its neighbours; the compiled step ------------------------------------
