@@ -340,6 +340,9 @@ def speculative_step(engine, row, proposer) -> Optional[list[StepOutput]]:
             return outputs + _fail(engine, row, _describe(e, row, "detokenization"))
         outputs.append(out)
         if out.finish_reason is not None:  # a stop or the length limit inside the run: the rest is dropped
+            # the cache holds the keys/values of every kept token but the last, as after a plain last step
+            row.length = len(seq.prompt) + len(seq.tokens) - 1
+            engine._keep_prefix(0, row)
             engine._drop([0])
             break
     return outputs

@@ -405,3 +405,22 @@ def test_server_with_a_draft_model(chat_dir):
         thread.join(15)
         sock.close()
     assert stats["spec_proposed"] > 0 and stats["spec_accepted"] == stats["spec_proposed"]
+
+
+@pytest.mark.parametrize("spec", ["lookup", "draft"])
+def test_prompt_cache_after_a_speculative_finish(target, plain, spec):
+    """A sequence that ends inside an accepted run leaves the same prompt cache as plain decoding: its tokens but
+    the last, with their keys/values (what the chat command reuses next turn)."""
+    prompt = _prompts(1, seed=3)[0]
+    free = plain[tuple(prompt)]
+    stop = free[9]
+    caches = []
+    for kw in ({}, {"prompt_lookup_num_tokens": 8} if spec == "lookup" else {"assistant_model": target,
+                                                                              "num_assistant_tokens": 8}):
+        cache = q.PromptCache()
+        [out] = q.generate(target, [prompt], max_new_tokens=40, stop_token_ids=[stop], prompt_cache=cache, **kw)
+        assert out == free[: free.index(stop) + 1]
+        caches.append(cache)
+    assert caches[1].tokens == caches[0].tokens == prompt + out[:-1]
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-4, atol=1e-4)
