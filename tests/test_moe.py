@@ -1,4 +1,9 @@
-"""Qwen2-MoE parity with transformers' Qwen2MoeForCausalLM: tiny random checkpoints, our production loader."""
+"""Qwen2-MoE parity with transformers' Qwen2MoeForCausalLM: tiny random checkpoints, our production loader.
+
+Our experts follow transformers' eager loop, but not to the bit on every CPU (fp32 logits ~1e-6 apart with
+AVX-512 kernels, ~5e-6 with MKL's AVX2 ones): parity is bounded by transformers' own spread between its
+implementations of the same model (grouped_mm experts, SDPA attention), measured on the machine that runs it.
+"""
 
 import json
 
@@ -6,7 +11,7 @@ import pytest
 import torch
 
 import qwen2_pure as q
-from hf_utils import VOCAB, make_hf_moe_checkpoint
+from hf_utils import VOCAB, assert_within_reference, hf_cached_logits, make_hf_moe_checkpoint, max_diff
 from qwen2_pure.model import MLP, SparseMoeBlock
 
 transformers = pytest.importorskip("transformers")
@@ -41,10 +46,21 @@ def _no_grad():
         yield
 
 
-def load_hf(path, experts="eager", dtype=torch.float32):
+def load_hf(path, experts="eager", dtype=torch.float32, attn="eager"):
     # transformers 5.x defaults to a grouped_mm experts kernel; "eager" is the per-expert loop of modeling_qwen2_moe
     return transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="eager", experts_implementation=experts).eval()
+        path, dtype=dtype, attn_implementation=attn, experts_implementation=experts).eval()
+
+
+def assert_matches_transformers(got, path, x, dtype=torch.float32, what="logits"):
+    """Ours no further from transformers' eager logits than transformers' own other implementations are (its
+    grouped_mm experts kernel sums the k experts in another order; its SDPA attention runs another op order):
+    the farther of the two, on this machine."""
+    ref = load_hf(path, dtype=dtype)(x).logits
+    others = (load_hf(path, experts="grouped_mm", dtype=dtype), load_hf(path, dtype=dtype, attn="sdpa"))
+    other = max((hf(x).logits for hf in others), key=lambda o: max_diff(o, ref))
+    assert_within_reference(got, ref, other, ref, factor=1, what=what)
+    return ref
 
 
 def ids(batch, length, seed=0):
@@ -62,21 +78,17 @@ def test_layers_pick_their_mlp_as_transformers_does(ckpt):
 
 
 def test_fp32_logits_match_eager(ckpt):
-    hf, ours = load_hf(ckpt), q.load_model(ckpt)
     x = ids(2, 37)
-    ref = hf(x).logits
+    ref = assert_matches_transformers(q.load_model(ckpt)(x), ckpt, x, what="fp32 logits")
     assert ref.abs().max() > 3  # logits that vary, not a degenerate model
-    got = ours(x)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # bit-identical on the CPU this was written on
-    # transformers' default experts kernel (grouped_mm) sums the k experts in another order: same tolerance
-    torch.testing.assert_close(got, load_hf(ckpt, experts="grouped_mm")(x).logits, rtol=0, atol=1e-5)
 
 
 def test_bf16_logits_match_transformers_bf16(raw_ckpt):
-    # a rounding difference could flip a near-tie in the router and move logits by whole units
-    hf, ours = load_hf(raw_ckpt, dtype=torch.bfloat16), q.load_model(raw_ckpt, dtype=torch.bfloat16)
+    # a rounding difference could flip a near-tie in the router and move logits by whole units: far beyond
+    # transformers' own spread (equal to the bit on an AVX-512/AMX Xeon, and with AVX2 kernels)
+    ours = q.load_model(raw_ckpt, dtype=torch.bfloat16)
     x = ids(2, 29, seed=2)
-    torch.testing.assert_close(ours(x).float(), hf(x).logits.float(), rtol=0, atol=1e-2)
+    assert_matches_transformers(ours(x), raw_ckpt, x, torch.bfloat16, what="bf16 logits")
 
 
 def test_greedy_tokens_match_transformers_generate(ckpt):
@@ -90,14 +102,16 @@ def test_greedy_tokens_match_transformers_generate(ckpt):
 
 
 def test_cached_decode_equals_full_forward(ckpt):
-    ours = q.load_model(ckpt)
+    ours, hf = q.load_model(ckpt), load_hf(ckpt)
     x = ids(2, 24, seed=5)
     full = ours(x)
     cache = ours.new_cache(2, 32)
     prefill = ours(x[:, :16], cache=cache, input_pos=torch.arange(16))
     steps = [ours(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])) for t in range(16, 24)]
-    # 1e-4 is the fp32 noise floor between matmul shapes (see test_model.py); a wrong route moves whole units
-    torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, rtol=0, atol=1e-4)
+    # other matmul shapes, other rounding: bounded by transformers' own cached-vs-full distance here (see
+    # test_model.py); a wrong route moves whole units
+    assert_within_reference(torch.cat([prefill] + steps, dim=1), full, hf_cached_logits(hf, x, 16), hf(x).logits,
+                            what="cached decode vs full forward")
 
 
 def test_batched_generate_equals_single(raw_ckpt):
@@ -134,10 +148,10 @@ def test_sliding_window_without_layer_types_follows_transformers(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg.pop("layer_types") == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    ours, hf = q.load_model(tmp_path), load_hf(tmp_path)
+    ours = q.load_model(tmp_path)
     assert [layer.window for layer in ours.model.layers] == [5, None, 5, None]
     x = ids(1, 21, seed=11)
-    torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-5)
+    assert_matches_transformers(ours(x), tmp_path, x, what="sliding window")
 
 
 def test_checkpoint_with_other_expert_count_is_refused(raw_ckpt, tmp_path):
