@@ -412,10 +412,10 @@ def test_sampling_fields(server, loaded):
 
 @pytest.mark.parametrize("extra, param", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(max_tokens=0), "max_tokens"), (dict(n=2), "n"), (dict(presence_penalty=3), "presence_penalty"),
+    (dict(max_tokens=0), "max_tokens"), (dict(n=17), "n"), (dict(presence_penalty=3), "presence_penalty"),
     (dict(seed="x"), "seed"), (dict(stop=[""]), "stop"), (dict(extra_body={"top_k": -5}), "top_k"),
     (dict(extra_body={"min_p": 2}), "min_p"), (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
-    (dict(logprobs=True), "logprobs"), (dict(max_tokens=250), "max_tokens"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"), (dict(max_tokens=250), "max_tokens"),
 ])
 def test_invalid_sampling_values_are_400(server, extra, param):
     client = server.client()

@@ -4,11 +4,15 @@
     GET  /health                {"status": "ok", running/waiting requests, counters}; 503 if the engine died
     GET  /v1/models             the one served model
     POST /v1/chat/completions   chat, streamed (server-sent events) or not
-    POST /v1/completions        plain completion, streamed or not
+    POST /v1/completions        plain completion, streamed or not; `suffix`: fill-in-the-middle (Qwen2.5-Coder)
+    POST /tokenize              text or a chat -> token ids (vLLM's shape)
+    POST /detokenize            token ids -> text
+    GET  /metrics               Prometheus metrics (`metrics.py`)
 
 Requests are validated by `protocol`, then handed to the `Engine`, whose thread batches every running request
-into the same decode steps. Each request's events cross from the engine thread to the event loop through an
-asyncio queue. A client that disconnects cancels its request, which frees its cache row before the next step.
+into the same decode steps; a request for n choices is n engine requests, answered together. Each request's
+events cross from the engine thread to the event loop through an asyncio queue. A client that disconnects
+cancels its request (all its choices), which frees its cache rows before the next step.
 Every error is answered as OpenAI does ({"error": {...}} with the right status) and never stops the server.
 """
 
@@ -20,18 +24,20 @@ import logging
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Qwen2PureError
+from ..sampling import make_generators
 from . import protocol
 from .engine import DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SLOTS, Engine, EngineStopped, Event, QueueFull
 from .engine import Request as EngineRequest
+from .metrics import CountResponses, Metrics
 from .protocol import APIError, Generation, ServerInfo
 
 log = logging.getLogger("qwen2_pure.serve")
@@ -41,39 +47,54 @@ DEFAULT_MODEL_NAME = "qwen2"  # the id /v1/models lists when the caller names no
 
 
 class _Events:
-    """The engine thread's events for one request, as an async iterator on the event loop."""
+    """The engine thread's events for a request's choices (one engine request each), as an async iterator on
+    the event loop: `next()` returns (choice index, event)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._ready: list[tuple[int, Event]] = []  # taken from the queue, not yet returned
 
-    def __call__(self, ev: Event) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+    def callback(self, index: int) -> Callable[[Event], None]:
+        """Choice `index`'s `on_event` (called on the engine thread)."""
+        return lambda ev: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))
 
-    async def next(self) -> Event:
-        """The next event, with whatever else has already arrived merged into it (fewer, larger chunks)."""
-        ev = await self.queue.get()
-        while not ev.done and not self.queue.empty():
-            more = self.queue.get_nowait()
-            ev = Event(text=ev.text + more.text, completion_tokens=more.completion_tokens,
-                       finish_reason=more.finish_reason, error=more.error)
-        return ev
+    async def next(self) -> tuple[int, Event]:
+        """The next event of some choice, with that choice's events that have already arrived merged into it
+        (fewer, larger chunks)."""
+        if not self._ready:
+            self._ready.append(await self.queue.get())
+        while not self.queue.empty():
+            self._ready.append(self.queue.get_nowait())
+        index, ev = self._ready.pop(0)
+        rest = []
+        for j, more in self._ready:
+            if j == index and not ev.done:
+                ev = Event(text=ev.text + more.text, completion_tokens=more.completion_tokens,
+                           finish_reason=more.finish_reason, error=more.error,
+                           logprobs=None if ev.logprobs is None and more.logprobs is None
+                           else (ev.logprobs or []) + (more.logprobs or []))
+            else:
+                rest.append((j, more))
+        self._ready = rest
+        return index, ev
 
 
 class _CancellingStream(StreamingResponse):
-    """A StreamingResponse that cancels its engine request however the response ends (done, disconnect, error)."""
+    """A StreamingResponse that cancels its engine requests however the response ends (done, disconnect, error)."""
 
-    def __init__(self, content, engine: Engine, req: EngineRequest):
+    def __init__(self, content, engine: Engine, reqs: list[EngineRequest]):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._engine, self._req = engine, req
+        self._engine, self._reqs = engine, reqs
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if self._req.finish_reason is None:
-                self._engine.cancel(self._req)
+            for req in self._reqs:
+                if req.finish_reason is None:
+                    self._engine.cancel(req)
 
 
 def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: Optional[str] = None,
@@ -88,7 +109,8 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
     gen_cfg = model.generation_config  # generation_config.json, read once by the loader
     info = ServerInfo(model_name=model_name or DEFAULT_MODEL_NAME, tokenizer=tokenizer,
                       vocab_size=model.config.vocab_size, max_seq_len=engine.max_seq_len, defaults=gen_cfg.sampling,
-                      default_max_tokens=gen_cfg.max_new_tokens, eos_ids=tuple(gen_cfg.eos_token_id))
+                      default_max_tokens=gen_cfg.max_new_tokens, eos_ids=tuple(gen_cfg.eos_token_id),
+                      max_n=min(protocol.MAX_N, engine.slots))
     created = protocol.now()
 
     @asynccontextmanager
@@ -100,7 +122,9 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
             engine.stop()
 
     app = FastAPI(title="qwen2-pure", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine, app.state.info = engine, info
+    metrics = Metrics(engine, info.model_name)
+    app.add_middleware(CountResponses, metrics=metrics)
+    app.state.engine, app.state.info, app.state.metrics = engine, info, metrics
 
     # ---- errors: always OpenAI's shape --------------------------------------------------------------------
 
@@ -185,68 +209,109 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
         gen = protocol.parse_completion(await json_body(request), info)
         return await _answer(request, gen)
 
+    def _generators(gen: Generation) -> list:
+        """Each choice's generator: choice i seeded as row i of `generate(seed=)` (`make_generators`: the seed,
+        then a hash of (seed, i)), so choices differ and a request with a seed repeats; None: a random seed."""
+        if gen.params.greedy or gen.params.seed is None:
+            return [None] * gen.n
+        return make_generators(gen.params.seed, gen.n)
+
     async def _answer(request: Request, gen: Generation):
         events = _Events(asyncio.get_running_loop())
-        req = EngineRequest(prompt=gen.prompt_ids, max_tokens=gen.max_tokens, params=gen.params, stop=gen.stop,
-                            stop_token_ids=gen.stop_token_ids, skip_special_tokens=gen.skip_special_tokens,
-                            on_event=events)
+        reqs = [EngineRequest(prompt=gen.prompt_ids, max_tokens=gen.max_tokens, params=gen.params, stop=gen.stop,
+                              stop_token_ids=gen.stop_token_ids, skip_special_tokens=gen.skip_special_tokens,
+                              logprobs=gen.logprobs, generator=generator, on_event=metrics.watch(events.callback(i)))
+                for i, generator in enumerate(_generators(gen))]
         try:
-            engine.submit(req)
-        except QueueFull as e:
-            raise APIError(429, str(e), code="server_busy") from None
-        except EngineStopped as e:
-            raise APIError(503, str(e)) from None
-        except Qwen2PureError as e:
+            for req in reqs:
+                engine.submit(req)
+        except (QueueFull, EngineStopped, Qwen2PureError) as e:
+            for req in reqs:  # all n choices or none
+                engine.cancel(req)
+            if isinstance(e, QueueFull):
+                raise APIError(429, str(e), code="server_busy") from None
+            if isinstance(e, EngineStopped):
+                raise APIError(503, str(e)) from None
             raise protocol.bad(str(e)) from None
         rid, created_at = protocol.new_id(gen.kind), protocol.now()
         if gen.stream:
-            return _CancellingStream(_stream(gen, rid, created_at, events), engine, req)
-        return await _collect(request, gen, rid, created_at, events, req)
+            return _CancellingStream(_stream(gen, rid, created_at, events), engine, reqs)
+        return await _collect(request, gen, rid, created_at, events, reqs)
 
-    async def _collect(request, gen, rid, created_at, events: _Events, req: EngineRequest):
+    async def _collect(request, gen, rid, created_at, events: _Events, reqs: list[EngineRequest]):
         async def watch_disconnect():  # nothing else reads from a non-streaming client: poll it
             while not await request.is_disconnected():
                 await asyncio.sleep(0.25)
-            engine.cancel(req)
-            events.queue.put_nowait(Event(error=_DISCONNECTED))
+            for req in reqs:
+                engine.cancel(req)
+            events.queue.put_nowait((0, Event(error=_DISCONNECTED)))
 
         watcher = asyncio.create_task(watch_disconnect())
-        pieces: list[str] = []
+        pieces: list[list[str]] = [[] for _ in reqs]
+        entries: list[list] = [[] for _ in reqs]  # each choice's TokenLogprobs
+        bodies: list[Optional[dict]] = [None] * len(reqs)
         try:
-            while True:
-                ev = await events.next()
-                pieces.append(ev.text)
+            while any(body is None for body in bodies):
+                i, ev = await events.next()
+                pieces[i].append(ev.text)
+                entries[i] += ev.logprobs or []
                 if ev.error == _DISCONNECTED:
                     return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
                 if ev.error:
                     raise APIError(500, ev.error, code="generation_failed")
                 if ev.done:
-                    return protocol.response_body(gen, rid, created_at, "".join(pieces), ev.finish_reason,
-                                                  ev.completion_tokens)
+                    logprobs = protocol.logprobs_body(gen, entries[i], tokenizer)
+                    bodies[i] = protocol.response_body(gen, rid, created_at, "".join(pieces[i]), ev.finish_reason,
+                                                       ev.completion_tokens, logprobs=logprobs)
+            return bodies[0] if len(bodies) == 1 else protocol.merge_choices(bodies)
         finally:
             watcher.cancel()
-            if req.finish_reason is None:
-                engine.cancel(req)
+            for req in reqs:
+                if req.finish_reason is None:
+                    engine.cancel(req)
 
     async def _stream(gen: Generation, rid: str, created_at: int, events: _Events) -> AsyncIterator[str]:
+        """The choices' chunks as they come, each with its `index`; a chunk carries the logprobs of the tokens
+        it covers (a token without text of its own, such as the stop token, gets a chunk with empty text)."""
         if gen.kind == "chat":
-            yield protocol.sse(protocol.chunk_body(gen, rid, created_at, role=True))
-        tokens = 0
-        while True:
-            ev = await events.next()
-            tokens = ev.completion_tokens or tokens
+            for i in range(gen.n):
+                yield protocol.sse(protocol.chunk_body(gen, rid, created_at, role=True, index=i))
+        tokens, finished = [0] * gen.n, [False] * gen.n
+        while not all(finished):
+            i, ev = await events.next()
+            tokens[i] = ev.completion_tokens or tokens[i]
             if ev.error:
                 # the openai client raises APIError for a data line carrying "error"
                 yield protocol.sse(APIError(500, ev.error, code="generation_failed").body())
                 break
-            if ev.text:
-                yield protocol.sse(protocol.chunk_body(gen, rid, created_at, text=ev.text))
+            if ev.text or ev.logprobs:
+                logprobs = protocol.logprobs_body(gen, ev.logprobs, tokenizer)
+                yield protocol.sse(protocol.chunk_body(gen, rid, created_at, text=ev.text, index=i,
+                                                       logprobs=logprobs))
             if ev.finish_reason:
-                yield protocol.sse(protocol.chunk_body(gen, rid, created_at, finish_reason=ev.finish_reason))
-                if gen.include_usage:
-                    yield protocol.sse(protocol.chunk_body(gen, rid, created_at, usage_of=tokens))
-                break
+                finished[i] = True
+                yield protocol.sse(protocol.chunk_body(gen, rid, created_at, finish_reason=ev.finish_reason,
+                                                       index=i))
+        else:
+            if gen.include_usage:
+                yield protocol.sse(protocol.chunk_body(gen, rid, created_at, usage_of=sum(tokens)))
         yield protocol.sse("[DONE]")
+
+    # ---- tokenizer and metrics endpoints ---------------------------------------------------------------------
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        authorize(request)
+        return protocol.tokenize_body(await json_body(request), info)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        authorize(request)
+        return protocol.detokenize_body(await json_body(request), info)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():  # open like /health, as vLLM's: scrapers send no API key
+        return Response(metrics.exposition(), media_type=metrics.content_type)
 
     return app
 

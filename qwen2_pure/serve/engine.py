@@ -60,6 +60,18 @@ class EngineStopped(Qwen2PureError):
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability (with `Request.logprobs`), from the model's raw distribution
+    (`qwen2_pure.engine`): the token, log p(token), the k most likely [(id, log p)], and `offset`, the
+    number of characters of the answer's text released before this token (its place in the text)."""
+
+    token: int
+    logprob: float
+    top: list
+    offset: int
+
+
+@dataclass
 class Event:
     """What the engine reports for a request: new text, and at the end a finish reason or an error."""
 
@@ -67,6 +79,7 @@ class Event:
     completion_tokens: int = 0  # tokens generated so far (the stop token included)
     finish_reason: Optional[str] = None  # "stop" | "length" when the request is done
     error: Optional[str] = None  # set (and the request done) when generation failed
+    logprobs: Optional[list] = None  # with Request.logprobs: a TokenLogprob per token this event covers
 
     @property
     def done(self) -> bool:
@@ -84,10 +97,13 @@ class Request:
     stop_token_ids: Optional[Sequence_[int]] = None  # None: the model's eos ids
     on_event: Optional[Callable[[Event], None]] = None
     skip_special_tokens: bool = True
+    logprobs: Optional[int] = None  # None: none; k >= 0: each token's log-probability and the top k (TokenLogprob)
+    generator: Optional[torch.Generator] = None  # what sampling draws from (None: from params.seed, else random)
     id: str = ""
     cancelled: bool = False  # set by `Engine.cancel`; the engine drops the request at its next step
     completion_tokens: int = 0
     finish_reason: Optional[str] = None
+    text_chars: int = 0  # characters of text delivered so far (TokenLogprob.offset)
     seq: Optional[Sequence] = field(default=None, repr=False)  # the engine's sequence, once submitted
 
 
@@ -165,11 +181,13 @@ class Engine:
         `Qwen2PureError` (naming the field) for a request that can never run."""
         p = req.params
         # each sampling request draws from its own generator (the global RNG is shared by every thread)
-        generator = None if p.greedy else torch.Generator(device="cpu").manual_seed(
-            p.seed if p.seed is not None else random.getrandbits(63))
+        generator = req.generator
+        if generator is None and not p.greedy:
+            seed = p.seed if p.seed is not None else random.getrandbits(63)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
         req.seq = Sequence(prompt=list(req.prompt), params=p, max_new_tokens=req.max_tokens,
                            stop_token_ids=req.stop_token_ids, stop=list(req.stop),
-                           skip_special_tokens=req.skip_special_tokens, generator=generator)
+                           skip_special_tokens=req.skip_special_tokens, generator=generator, logprobs=req.logprobs)
         try:
             self.core.check(req.seq)
         except Qwen2PureError as e:  # the engine's words are max_new_tokens; the API's are max_tokens
@@ -288,8 +306,13 @@ class Engine:
                 self._forget(req)
                 continue
             req.finish_reason = out.finish_reason
-            if out.text or out.finish_reason is not None:
-                self._emit(req, Event(text=out.text, completion_tokens=n, finish_reason=out.finish_reason))
+            logprobs = None
+            if req.logprobs is not None and out.token is not None:
+                logprobs = [TokenLogprob(out.token, out.logprob, out.top_logprobs or [], req.text_chars)]
+            req.text_chars += len(out.text)
+            if out.text or out.finish_reason is not None or logprobs:
+                self._emit(req, Event(text=out.text, completion_tokens=n, finish_reason=out.finish_reason,
+                                      logprobs=logprobs))
             if out.finish_reason is not None:
                 self._forget(req)
 

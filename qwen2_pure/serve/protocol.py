@@ -3,7 +3,7 @@
 Pure functions over dicts, no web framework, so every rule is testable on its own. The request fields and
 their meanings follow OpenAI's Chat Completions / Completions API and vLLM's extensions (top_k, min_p,
 repetition_penalty, stop_token_ids, ignore_eos, skip_special_tokens); a field we do not know is ignored, as
-vLLM does, but a known field asking for something we cannot do (n > 1, logprobs, tools, ...) is a 400 that
+vLLM does, but a known field asking for something we cannot do (best_of > 1, echo, ...) is a 400 that
 names it. Sampling defaults come from the model's generation_config.json (transformers' reading of it, as
 the CLI does); the request's fields override them.
 """
@@ -15,14 +15,25 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from numbers import Real
 from typing import Any, Optional
 
 from ..errors import Qwen2PureError
+from ..loading.gguf_tokenizer import _bytes_to_unicode  # GPT-2's byte <-> character map of byte-level BPE
 from ..sampling import SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
+MAX_N = 16  # choices per request (and at most the engine's slots)
+# top log-probabilities per token: OpenAI's chat limit and vLLM's default --max-logprobs, for both endpoints
+# (OpenAI caps the legacy completions' `logprobs` at 5; vLLM allows up to its --max-logprobs, as we do)
+MAX_LOGPROBS = 20
+# Qwen2.5-Coder's fill-in-the-middle tokens (QwenLM/Qwen2.5-Coder README, "File-Level Code Completion")
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+# what ends the middle: the stop list of Qwen's own example (examples/Qwen2.5-Coder-fim.py), by text
+FIM_STOP_TOKENS = ("<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                   "<|repo_name|>", "<|file_sep|>", "<|im_end|>")
 
 
 class APIError(Exception):
@@ -110,6 +121,7 @@ class ServerInfo:
     defaults: SamplingParams = field(default_factory=SamplingParams)
     default_max_tokens: Optional[int] = None  # generation_config's max_new_tokens
     eos_ids: tuple = ()  # generation_config's eos ids: what ends an answer unless ignore_eos
+    max_n: int = MAX_N  # the most choices (`n`) a request may ask for
 
 
 @dataclass
@@ -126,6 +138,8 @@ class Generation:
     stream: bool
     include_usage: bool
     model: str
+    n: int = 1  # choices, each its own engine request
+    logprobs: Optional[int] = None  # None: no log-probabilities; k: each token's and the k most likely tokens'
 
 
 def _check_model(body: dict, info: ServerInfo) -> str:
@@ -186,13 +200,10 @@ def _stop_token_ids(body: dict, info: ServerInfo) -> Optional[list[int]]:
 
 def _common(body: dict, info: ServerInfo, kind: str, prompt_ids: list[int], prompt_param: str) -> Generation:
     model = _check_model(body, info)
-    n = _integer(body, "n", 1)
-    if n not in (None, 1):
-        raise bad(f"n={n} is not supported: this server returns one choice (n=1)", param="n",
-                  code="unsupported_parameter")
+    n = _integer(body, "n", 1, info.max_n) or 1
     if body.get("best_of") != 1:
         _reject(body, "best_of")
-    for name in ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "suffix", "echo"):
+    for name in ("logit_bias", "tools", "functions", "echo"):
         _reject(body, name)
     if body.get("tool_choice") not in ("none", "auto"):
         _reject(body, "tool_choice")
@@ -231,7 +242,7 @@ def _common(body: dict, info: ServerInfo, kind: str, prompt_ids: list[int], prom
                   code="context_length_exceeded")
     return Generation(kind=kind, prompt_ids=prompt_ids, max_tokens=max_tokens, params=params, stop=stop,
                       stop_token_ids=stop_ids, skip_special_tokens=skip, stream=stream,
-                      include_usage=include_usage, model=model)
+                      include_usage=include_usage, model=model, n=n, logprobs=_logprobs(body, kind))
 
 
 def _message_text(content, i: int) -> str:
@@ -250,6 +261,12 @@ def _message_text(content, i: int) -> str:
 
 
 def parse_chat(body: dict, info: ServerInfo) -> Generation:
+    return _common(body, info, "chat", chat_prompt_ids(body, info), "messages")
+
+
+def chat_prompt_ids(body: dict, info: ServerInfo) -> list[int]:
+    """The token ids of body's `messages` rendered by the chat template: what /v1/chat/completions feeds the
+    model and /tokenize counts."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
@@ -276,7 +293,7 @@ def parse_chat(body: dict, info: ServerInfo) -> Generation:
             chat, add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt)
     except Qwen2PureError as e:
         raise bad(str(e), param="messages") from None
-    return _common(body, info, "chat", info.tokenizer.encode(text), "messages")
+    return info.tokenizer.encode(text)
 
 
 def parse_completion(body: dict, info: ServerInfo) -> Generation:
@@ -296,7 +313,161 @@ def parse_completion(body: dict, info: ServerInfo) -> Generation:
                   param="prompt", code="unsupported_parameter")
     else:
         raise bad("prompt must be a non-empty string or a list of token ids", param="prompt")
-    return _common(body, info, "completion", ids, "prompt")
+    suffix = body.get("suffix")
+    if suffix is None:
+        return _common(body, info, "completion", ids, "prompt")
+    fim = fim_token_ids(info.tokenizer, suffix)
+    if isinstance(prompt, str):
+        ids = info.tokenizer.encode(fim_prompt(prompt, suffix))
+    else:
+        ids = [fim[FIM_PREFIX]] + ids + [fim[FIM_SUFFIX]] + info.tokenizer.encode(suffix) + [fim[FIM_MIDDLE]]
+    gen = _common(body, info, "completion", ids, "prompt")
+    if not _boolean(body, "ignore_eos"):  # the middle ends at the end-of-text token or any FIM/repo token
+        gen.stop_token_ids, extra = _fim_stops(info, gen.stop_token_ids)
+        gen.stop = gen.stop + [s for s in extra if s not in gen.stop]
+    return gen
+
+
+# ---- fill-in-the-middle (Qwen2.5-Coder) -------------------------------------------------------------------------
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """Qwen2.5-Coder's file-level fill-in-the-middle prompt (prefix-suffix-middle order), as its README gives it
+    (QwenLM/Qwen2.5-Coder, "File-Level Code Completion (Fill in the middle)"):
+    `<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>`; the model writes the middle."""
+    return FIM_PREFIX + prefix + FIM_SUFFIX + suffix + FIM_MIDDLE
+
+
+def fim_token_ids(tokenizer, suffix) -> dict:
+    """{token: id} of the three FIM tokens, or a 400 naming `suffix` (a string is needed, and a tokenizer that has
+    them: Qwen2.5-Coder's)."""
+    if not isinstance(suffix, str):
+        raise bad(f"suffix={json.dumps(suffix)[:80]} is invalid: it must be a string (the text after the insertion "
+                  "point)", param="suffix")
+    ids = {t: tokenizer.token_to_id(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise bad(f"suffix needs a model trained for fill-in-the-middle: this tokenizer has no {', '.join(missing)} "
+                  "token (Qwen2.5-Coder's have them); send the prompt without suffix", param="suffix",
+                  code="unsupported_parameter")
+    return ids
+
+
+def _fim_stops(info: ServerInfo, stop_token_ids: Optional[list[int]]) -> tuple[list[int], list[str]]:
+    """The stop ids of a FIM request (the request's, else the eos ids, plus every FIM stop token the tokenizer has)
+    and the stop strings that keep a non-special one's text out of the answer (skip_special_tokens keeps it)."""
+    tok = info.tokenizer
+    found = {t: i for t in FIM_STOP_TOKENS if (i := tok.token_to_id(t)) is not None}
+    ids = set(info.eos_ids if stop_token_ids is None else stop_token_ids) | set(found.values())
+    special = getattr(tok, "special_token_ids", frozenset())
+    return sorted(ids), [t for t, i in found.items() if i not in special]
+
+
+# ---- log-probabilities ----------------------------------------------------------------------------------------
+
+def _logprobs(body: dict, kind: str) -> Optional[int]:
+    """How many top log-probabilities a token gets (None: no logprobs). Chat: `logprobs` true/false and
+    `top_logprobs` 0..20 (which needs logprobs true); completions: `logprobs` 0..20."""
+    if kind != "chat":
+        return _integer(body, "logprobs", 0, MAX_LOGPROBS)
+    want = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top and not want:
+        raise bad(f"top_logprobs={top} needs logprobs: true", param="top_logprobs")
+    return (top or 0) if want else None
+
+
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict:
+    return {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token on its own, as vLLM shows it in logprobs: `tokenizer.decode([id])`, special tokens included
+    (vllm `convert_ids_list_to_tokens`); a piece of a UTF-8 character decodes to U+FFFD."""
+    return tokenizer.decode([token_id])
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """The token's own UTF-8 bytes (OpenAI's `bytes`: a character split over several tokens is the concatenation
+    of their bytes). From the byte-level piece when the text alone lost them (U+FFFD); vLLM encodes the text."""
+    if "\ufffd" in text:
+        piece, table = tokenizer.id_to_token(token_id) or "", _byte_of_char()
+        if piece and all(c in table for c in piece):
+            return [table[c] for c in piece]
+    return list(text.encode("utf-8"))
+
+
+def _clamp(logprob: float) -> float:
+    return max(float(logprob), -9999.0)  # -inf is not JSON; -9999.0 is OpenAI's and vLLM's "very unlikely"
+
+
+def chat_logprobs(entries, tokenizer) -> dict:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}
+    for `entries`, the engine's TokenLogprob of each token (the stop token included)."""
+    def item(token_id, logprob):
+        text = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": _clamp(logprob), "bytes": token_bytes(tokenizer, token_id, text)}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+                        for e in entries]}
+
+
+def completion_logprobs(entries, tokenizer) -> dict:
+    """The legacy completions' `logprobs`: {tokens, token_logprobs, top_logprobs: [{token: logprob}],
+    text_offset}; each top dict also holds the sampled token (so it may have k + 1 entries, as OpenAI's and
+    vLLM's), and text_offset counts characters from the start of the returned text (vLLM's convention)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(token_text(tokenizer, e.token))
+        out["token_logprobs"].append(_clamp(e.logprob))
+        top = {token_text(tokenizer, i): _clamp(lp) for i, lp in e.top}
+        top.setdefault(out["tokens"][-1], _clamp(e.logprob))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(e.offset)
+    return out
+
+
+def logprobs_body(gen: Generation, entries, tokenizer) -> Optional[dict]:
+    """The `logprobs` of a choice or chunk (None when the request asked for none)."""
+    if gen.logprobs is None or entries is None:
+        return None
+    return (chat_logprobs if gen.kind == "chat" else completion_logprobs)(entries, tokenizer)
+
+
+# ---- /tokenize and /detokenize (vLLM's shapes; llama.cpp's field names accepted) ----------------------------------
+
+def tokenize_body(body: dict, info: ServerInfo) -> dict:
+    """POST /tokenize: {"prompt": text} (llama.cpp: "content"), or {"messages", "add_generation_prompt"} rendered
+    exactly as /v1/chat/completions renders them, -> {"count", "max_model_len", "tokens"}, plus "token_strs"
+    (the byte-level pieces) with "return_token_strs": true, as vLLM's TokenizeResponse."""
+    _check_model(body, info)
+    prompt = body.get("prompt", body.get("content"))
+    if body.get("messages") is not None:
+        if prompt is not None:
+            raise bad("give either prompt or messages, not both", param="prompt")
+        ids = chat_prompt_ids(body, info)
+    elif isinstance(prompt, str):
+        ids = info.tokenizer.encode(prompt)
+    else:
+        raise bad("prompt must be a string (or give messages, a chat to render with the chat template)",
+                  param="prompt")
+    out = {"count": len(ids), "max_model_len": info.max_seq_len, "tokens": ids}
+    if _boolean(body, "return_token_strs"):
+        out["token_strs"] = [info.tokenizer.id_to_token(i) or "" for i in ids]
+    return out
+
+
+def detokenize_body(body: dict, info: ServerInfo) -> dict:
+    """POST /detokenize: {"tokens": [ids]} -> the text, special tokens kept (vLLM's `decode` default), as vLLM's
+    "prompt" and llama.cpp's "content"."""
+    _check_model(body, info)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                               and 0 <= t < info.vocab_size for t in tokens):
+        raise bad(f"tokens={json.dumps(tokens)[:80]} is invalid: it must be a list of token ids in "
+                  f"[0, {info.vocab_size})", param="tokens")
+    text = info.tokenizer.decode(tokens)
+    return {"prompt": text, "content": text}
 
 
 # ---- response bodies ----------------------------------------------------------------------------------------
@@ -311,21 +482,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def response_body(gen: Generation, rid: str, created: int, text: str, finish_reason: str,
-                  completion_tokens: int) -> dict:
+                  completion_tokens: int, logprobs: Optional[dict] = None) -> dict:
     if gen.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": gen.model, "choices": [choice],
             "usage": usage(len(gen.prompt_ids), completion_tokens)}
 
 
+def merge_choices(bodies: list[dict]) -> dict:
+    """One response from the single-choice responses of a request's n choices: choices indexed 0..n-1, usage
+    with the prompt counted once and the completion tokens summed (as OpenAI and vLLM report n > 1)."""
+    out = dict(bodies[0])
+    out["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
+    out["usage"] = usage(bodies[0]["usage"]["prompt_tokens"], sum(b["usage"]["completion_tokens"] for b in bodies))
+    return out
+
+
 def chunk_body(gen: Generation, rid: str, created: int, *, text: Optional[str] = None, role: bool = False,
-               finish_reason: Optional[str] = None, usage_of: Optional[int] = None) -> dict:
-    """One streamed chunk: the role chunk, a content chunk, the finish chunk, or (usage_of=tokens) the usage."""
+               finish_reason: Optional[str] = None, usage_of: Optional[int] = None, index: int = 0,
+               logprobs: Optional[dict] = None) -> dict:
+    """One streamed chunk of choice `index`: the role chunk, a content chunk (with its tokens' `logprobs`), the
+    finish chunk, or (usage_of=tokens) the usage."""
     obj = "chat.completion.chunk" if gen.kind == "chat" else "text_completion"
     out = {"id": rid, "object": obj, "created": created, "model": gen.model}
     if usage_of is not None:
@@ -338,9 +520,9 @@ def chunk_body(gen: Generation, rid: str, created: int, *, text: Optional[str] =
             delta = {"role": "assistant", "content": ""}
         elif text is not None:
             delta = {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     out["choices"] = [choice]
     return out
 
