@@ -50,8 +50,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def assert_within_reference(ours_a, ours_b, ref_a, ref_b, *, what, factor=4.0, floor_ulps=4):
     """Assert max|ours_a - ours_b| <= max(factor * max|ref_a - ref_b|, floor), and return both distances.
 
-    ours_a/ours_b: our two computations that should agree; ref_a/ref_b: the reference's (transformers') same
-    pair on the same inputs and machine. The floor, `floor_ulps` fp32 units in the last place of the largest
+    ours_a/ours_b: our two computations that should agree; ref_a/ref_b: the reference's same pair on the same
+    inputs and machine (transformers', or e.g. the exact product rounded once, for a kernel). The floor, `floor_ulps` fp32 units in the last place of the largest
     |ref_a|, lets a pair that is exact in transformers be a few roundings apart in ours (other GEMM shapes).
     `factor` > 1 because our shapes (grouped heads, static cache slots) are not transformers', so our rounding
     noise is of the same size, not the same numbers. A real bug (a wrong mask, position or slot) moves logits
