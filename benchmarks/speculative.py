@@ -83,6 +83,10 @@ def run(model, prompt: list[int], speculator, max_new_tokens: int) -> dict:
             "proposed": s.get("spec_proposed", 0), "accepted": s.get("spec_accepted", 0)}
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -101,7 +105,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("decode tokens/s (median)")
     ax.set_ylim(0, max(rates) * 1.25)
     ax.set_title(f"{result['model']} {result['dtype']}, code edit, greedy, {result['tokens']} tokens\n"
-                 f"{result['machine']}, {result['threads']} threads", fontsize=9)
+                 f"{result['machine']}, {_threads(result['threads'])}, load average "
+                 f"{result['load_average_1min'][0]:.1f}-{result['load_average_1min'][1]:.1f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -163,7 +168,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         plot(result, args.plot)
-    print(f"\n{result['machine']}, {args.threads} threads, {loaded.name} {args.dtype}, {len(prompt)}-token prompt, "
+    print(f"\n{result['machine']}, {_threads(args.threads)}, {loaded.name} {args.dtype}, {len(prompt)}-token prompt, "
           f"{len(reference)} tokens, medians of {args.repeats}, load average {load_before[0]:.1f} -> "
           f"{load_after[0]:.1f}\n")
     print("| variant | decode tok/s (min-max) | speedup | acceptance | tokens per target forward |")

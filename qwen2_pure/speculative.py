@@ -47,7 +47,6 @@ the tokens after a stop are dropped.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence
 
 import torch
@@ -56,8 +55,6 @@ from .cache import KVCache
 from .engine import StepOutput, _describe
 from .errors import Qwen2PureError
 from .sampling import SamplingParams, process_logits
-
-log = logging.getLogger("qwen2_pure.speculative")
 
 __all__ = ["DraftModel", "PromptLookup", "Proposer", "accept_or_resample", "make_speculator", "prompt_lookup",
            "speculative_step"]

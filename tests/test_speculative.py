@@ -12,7 +12,6 @@ speculator through create_app) are driven once each.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
