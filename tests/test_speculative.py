@@ -423,3 +423,20 @@ def test_prompt_cache_after_a_speculative_finish(target, plain, spec):
     assert caches[1].tokens == caches[0].tokens == prompt + out[:-1]
     torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-4, atol=1e-4)
+
+
+def test_serve_command_passes_the_speculator(chat_dir, monkeypatch):
+    """`qwen2-pure serve --draft-model SRC` / `--prompt-lookup N` reach the app as a proposer."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import qwen2_pure.serve.app as app
+    from qwen2_pure.cli import main
+    got = []
+    monkeypatch.setattr(app, "serve", lambda model, tok, **kw: got.append(kw["speculator"]))
+    base = ["serve", "--model", str(chat_dir), "--port", "0"]
+    assert main(base + ["--draft-model", str(chat_dir), "--draft-tokens", "2"]) == 0
+    assert main(base + ["--prompt-lookup", "7"]) == 0
+    assert main(base) == 0
+    assert isinstance(got[0], DraftModel) and got[0].num_tokens == 2
+    assert isinstance(got[1], PromptLookup) and got[1].num_tokens == 7
+    assert got[2] is None
