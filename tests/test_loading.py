@@ -50,6 +50,10 @@ def ids(batch=2, length=11, seed=0):
     return torch.randint(0, VOCAB - 2, (batch, length), generator=g)
 
 
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 def write_ckpt(folder, sd, cfg, *, gen=None, filename="model.safetensors"):
     """An HF-layout folder with config.json, one safetensors file (if sd is not None), generation_config.json."""
     folder = Path(folder)
@@ -314,20 +318,20 @@ def test_extra_layer_is_unexpected(tmp_path, base_sd, base_cfg):
 
 
 def test_rotary_inv_freq_from_old_checkpoints_is_ignored(tmp_path, base_sd, base_cfg, ref_logits):
-    sd = {**base_sd, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(4) for i in range(2)}}
+    sd = {**base_sd, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": randn(4, seed=i) for i in range(2)}}
     assert torch.equal(q.load_model(write_ckpt(tmp_path, sd, base_cfg))(ids()), ref_logits)
 
 
 def test_misshaped_k_proj_names_tensor_file_and_both_shapes(tmp_path, base_sd, base_cfg):
     good = tuple(base_sd[K_PROJ].shape)  # 2 KV heads x 8 = 16 rows, hidden 32
     assert good == (16, 32)
-    sd = {**base_sd, K_PROJ: torch.randn(32, 32)}  # as if the file had 4 KV heads
+    sd = {**base_sd, K_PROJ: randn(32, 32)}  # as if the file had 4 KV heads
     folder = write_ckpt(tmp_path, sd, base_cfg)
     error(lambda: q.load_model(folder), "model.safetensors", K_PROJ, "[32, 32]", "[16, 32]")
 
 
 def test_misshaped_embedding_names_both_shapes(tmp_path, base_sd, base_cfg):
-    sd = {**base_sd, "model.embed_tokens.weight": torch.randn(VOCAB + 1, 32)}
+    sd = {**base_sd, "model.embed_tokens.weight": randn(VOCAB + 1, 32)}
     error(lambda: q.load_model(write_ckpt(tmp_path, sd, base_cfg)),
           "model.embed_tokens.weight", f"[{VOCAB + 1}, 32]", f"[{VOCAB}, 32]")
 
