@@ -218,7 +218,9 @@ def _check_listen(host: str, port: int) -> None:
         with socket.create_server((host, port), family=family):
             pass
     except OSError as e:
-        raise Qwen2PureError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+        # create_server's own text repeats the address; a lookup error (gaierror) has its own errno space
+        why = os.strerror(e.errno) if e.errno and not isinstance(e, socket.gaierror) else (e.strerror or str(e))
+        raise Qwen2PureError(f"--host {host} --port {port}: cannot listen there ({why})") from None
 
 
 def _at_least(flag: str, value: Optional[int], low: int) -> None:
