@@ -1,7 +1,7 @@
 """Decode attention over a static KV cache: one new token per sequence, split-KV (flash-decoding).
 
 q (B, H_q, D), k_cache / v_cache (B, H_kv, S_max, D), cache_seqlens (B,): sequence b attends to slots
-[0, cache_seqlens[b]) (and, with key_padding, only to the real ones among them).
+[kv_start[b], cache_seqlens[b]) (kv_start default 0; with key_padding, only to the real ones among them).
 
 Stage 1, grid (B, H_kv, splits): a program takes the G query heads of one KV head as the rows of a
 (BLOCK_H, D) tile (BLOCK_H = max(16, next_pow2(G)), the smallest M a GPU `tl.dot` takes), streams its
@@ -28,14 +28,14 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
 @autotune(_CONFIGS, triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
-          key=["S_KEY", "SPLIT_KEY", "HEAD_DIM", "GROUP", "HAS_PAD"])
+          key=["S_KEY", "SPLIT_KEY", "HEAD_DIM", "GROUP", "HAS_PAD", "HAS_START"])
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, PAD, O_PART, LSE_PART,
+def _decode_split(Q, K, V, SEQLENS, PAD, START, O_PART, LSE_PART,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   stride_pb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   H_kv, split_len, qk_scale, S_KEY, SPLIT_KEY,
                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HAS_START: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -49,6 +49,8 @@ def _decode_split(Q, K, V, SEQLENS, PAD, O_PART, LSE_PART,
     seqlen = tl.load(SEQLENS + b)
     start = split * split_len
     end = tl.minimum(start + split_len, seqlen)
+    if HAS_START:  # slots before the row's first real one (left padding, a window) are never read
+        start = tl.maximum(start, tl.load(START + b))
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -117,10 +119,12 @@ def _num_splits(B: int, H_kv: int, S_max: int, device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      sm_scale: Optional[float] = None, *, key_padding: Optional[torch.Tensor] = None,
-                     num_splits: Optional[int] = None) -> torch.Tensor:
+                     kv_start: Optional[torch.Tensor] = None, num_splits: Optional[int] = None) -> torch.Tensor:
     """Attention of one query token per sequence: q (B, H_q, D), caches (B, H_kv, S_max, D) -> (B, H_q, D).
 
     cache_seqlens (B,) int: sequence b reads slots [0, cache_seqlens[b]); a sequence of length 0 gets zeros.
+    kv_start (B,) int: sequence b reads only slots >= kv_start[b] (left padding, rows that start later on the
+        slot axis, a sliding window's low edge); nothing to read gives zeros.
     key_padding (B, S_max), nonzero for real slots: masks left padding inside that range.
     num_splits: how many slices of the sequence run in parallel (default: enough to fill the GPU).
     """
@@ -146,6 +150,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         spb = pad.stride(0)
     else:
         pad, spb = seqlens, 0  # never read
+    if kv_start is not None:
+        if kv_start.shape != (B,):
+            raise ValueError(f"decode_attention: kv_start must be (B={B},), got {tuple(kv_start.shape)}")
+        start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+    else:
+        start = seqlens  # never read
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     G = H_q // H_kv
     splits = num_splits or _num_splits(B, H_kv, S_max, q.device)
@@ -153,13 +163,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o_part = torch.empty(B, H_q, splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, H_q, splits, dtype=torch.float32, device=q.device)
     _decode_split[(B, H_kv, splits)](
-        q, k_cache, v_cache, seqlens, pad, o_part, lse_part,
+        q, k_cache, v_cache, seqlens, pad, start, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), spb,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         H_kv, split_len, sm_scale * LOG2E, bucket(S_max), bucket(split_len),
         GROUP=G, BLOCK_H=max(16, next_pow2(G)), HEAD_DIM=D, HAS_PAD=key_padding is not None,
-        UPCAST=upcast(q.dtype), DOT_PREC=dot_precision(q.dtype))
+        HAS_START=kv_start is not None, UPCAST=upcast(q.dtype), DOT_PREC=dot_precision(q.dtype))
     o = torch.empty_like(q)
     _decode_merge[(B * H_q,)](o_part, lse_part, o, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                               lse_part.stride(0), lse_part.stride(1), o.stride(0), o.stride(1), H_q, splits,

@@ -34,6 +34,7 @@ from . import ops
 from .cache import KVCache
 from .config import GenerationConfig, Qwen2Config
 from .errors import Qwen2PureError
+from .masks import AttentionMask, run_starts
 from .settings import DEFAULT, Settings
 
 
@@ -334,9 +335,20 @@ class Qwen2ForCausalLM(nn.Module):
                 position_ids = input_pos[None, :].expand(B, T)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, h.dtype)
-        # one additive mask per distinct window (None = full attention), shared by the layers using it
-        masks = {w: attention_mask_4d(input_pos, kv_len, attention_mask, w, h.dtype)
-                 for w in {layer.window for layer in self.model.layers}}
+        # one mask per distinct window (None = full attention), shared by the layers using it: as structure
+        # for the Triton kernels, plus the additive tensor when the PyTorch reference will read it
+        kernels = ops._triton(self.settings, h) is not None and not torch.is_grad_enabled()
+        starts = None
+        if kernels and attention_mask is not None:  # per-row first real slot; the check is a sync, skipped
+            check = not (torch.compiler.is_compiling()  # in a compiled step or a CUDA-graph capture
+                         or (h.is_cuda and torch.cuda.is_current_stream_capturing()))
+            starts = run_starts(attention_mask, input_pos, kv_len, check)
+        masks = {}
+        for w in {layer.window for layer in self.model.layers}:
+            m = AttentionMask(input_pos, kv_len, w, attention_mask, starts, h.dtype, attention_mask_4d)
+            if not (kernels and m.structured):
+                m.bias = m.additive()
+            masks[w] = m
         for layer in self.model.layers:
             h = layer(h, cos, sin, masks, cache, input_pos, kv_len)
         h, delta = h  # the last layer's residual stream and MLP output, added in the final norm

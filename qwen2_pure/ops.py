@@ -144,9 +144,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
               settings: Settings = DEFAULT) -> torch.Tensor:
-    """Grouped-query attention: q (B, H_q, T, D), k/v (B, H_kv, S, D), additive mask (B|1, 1, T, S).
+    """Grouped-query attention: q (B, H_q, T, D), k/v (B, H_kv, S, D); `mask` an `AttentionMask`
+    (`qwen2_pure.masks`, what the model passes) or an additive (B|1, 1, T, S) tensor.
 
     Instead of copying each KV head n_rep times (transformers' repeat_kv), the n_rep query heads of a
     group are stacked along the time axis and multiplied with their shared KV head: the same products,
@@ -157,6 +158,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kern = _triton(settings, q, k, v)
     if kern and D in (16, 32, 64, 128, 256):
         return _triton_attention(kern, q, k, v, mask, scale)
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        mask = mask.additive()  # the reference reads the dense mask, built as attention_mask_4d does
     if settings.fast and not q.is_cuda:  # PyTorch's fused CPU attention (flash-style, reads K/V once per group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H_q != H_kv)
     n_rep = H_q // H_kv
@@ -168,12 +171,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.view(B, H_q, T, D)
 
 
-def _triton_attention(kern, q, k, v, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """The model's mask is additive, 0 or dtype-min, (B|1, 1, T, S). A decode step (T = 1) reads its one
-    row as the key padding of the split-KV decode kernel; a prefill hands it to the flash kernel as a bias
-    (exact for any mask: causal, padded, sliding window)."""
+def _triton_attention(kern, q, k, v, mask, scale: float) -> torch.Tensor:
+    """The mask as structure where it has one (`AttentionMask.structured`): causal at the query slots, the
+    sliding window, each row's first real slot. A decode step (T = 1) reads slots [start, slot] of its
+    row, start being the row's first real slot raised to the window's low edge; a prefill takes the flash
+    kernel's causal path with those bounds. Only a mask without structure (a padding mask with holes, or a
+    bare additive tensor) reaches the kernels dense: a decode step's row as key padding, a prefill's as a bias."""
     B, H_q, T, D = q.shape
     S = k.shape[2]
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        if mask.structured:
+            start = mask.kv_start  # (B,) or None
+            if T == 1:
+                pos = mask.slots[:1].to(torch.int32)  # (1,), stays on the device: no host sync
+                seqlens = (pos + 1).expand(B)
+                if mask.window is not None:
+                    low = (pos - mask.window + 1).expand(B)
+                    start = low if start is None else torch.maximum(start, low)
+                return kern.decode_attention(q[:, :, 0], k, v, seqlens, scale, kv_start=start).unsqueeze(2)
+            return kern.flash_attention(q, k, v, causal=True, sm_scale=scale, kv_start=start,
+                                        window=mask.window, q_slots=mask.slots)
+        mask = mask.additive()
     if T == 1:
         seqlens = torch.full((B,), S, dtype=torch.int32, device=q.device)
         keep = None if mask is None else (mask[:, 0, 0, :] == 0).expand(B, S)
