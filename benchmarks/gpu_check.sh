@@ -22,3 +22,6 @@ echo "== 2. ceilings and the GQA vs MHA attention benchmark"
 timeout 240 python3 benchmarks/attention.py --out "$OUT" 2>&1 | tee "$OUT/attention.txt"
 echo "== 3. RMSNorm, RoPE, SwiGLU"
 timeout 60 python3 benchmarks/kernels_timing.py "$OUT" 2>&1 | tee "$OUT/kernels.txt"
+echo "== 4. the whole model: end to end, parity, decode kernel at 7B/72B, LoRA (benchmarks/gpu_e2e.py)"
+timeout 480 python3 benchmarks/gpu_e2e.py --out "$OUT" --budget-s 450 2>&1 | tee "$OUT/gpu_e2e.txt" \
+  || echo "gpu_e2e FAILED (see $OUT/gpu_e2e.txt)"
