@@ -230,7 +230,8 @@ def main(argv=None):
         raise SystemExit(f"--lora-target {args.lora_target!r}: give module names (comma list) or 'all'")
     with tempfile.TemporaryDirectory(prefix="qwen2pure-train-bench-") as tmp:
         if args.smoke and args.model is None:
-            path = tiny_checkpoint(Path(tmp) / "tiny", q.loading.resolve_source(None))
+            from qwen2_pure.loading.demo import demo_model_dir  # the tokenizer files of the demo's folder
+            path = tiny_checkpoint(Path(tmp) / "tiny", demo_model_dir())
         else:
             path = q.loading.resolve_source(args.model)
         batches = make_batches(path, args.dataset, args.dataset_dir, args.cutoff, args.batch_size,

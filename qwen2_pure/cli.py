@@ -351,7 +351,9 @@ def cmd_convert(args) -> int:
     target = Path(args.out_dir)
     if target.is_dir() and any(target.iterdir()) and not args.overwrite:  # say --overwrite, not overwrite=True
         raise Qwen2PureError(f"{target}: output folder exists and is not empty; pass --overwrite to replace it")
-    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite, dtype=args.dtype)
+    from .loading.demo import generation_config_for  # the demo GGUF: Qwen's published sampling defaults
+    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite, dtype=args.dtype,
+                       generation_config=generation_config_for(args.gguf))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -27,7 +27,11 @@ def main():
     args = ap.parse_args()
     import transformers
 
-    path = q.loading.resolve_source(args.model)
+    if args.model is None:  # the demo: transformers needs its HF-layout folder, converted once
+        from qwen2_pure.loading.demo import demo_model_dir
+        path = demo_model_dir()
+    else:
+        path = q.loading.resolve_source(args.model)
     if path.is_file():
         raise SystemExit(f"{path}: transformers needs a folder; run `qwen2-pure convert {path} OUT_DIR` first")
     dtype = getattr(torch, args.dtype)

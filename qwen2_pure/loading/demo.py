@@ -304,7 +304,8 @@ def demo_model_dir(progress: bool = True) -> Path:
     out = cache_dir() / _STEM
     if not all((out / name).is_file() for name in _MODEL_FILES):
         from .gguf import convert_gguf
-        convert_gguf(demo_gguf_path(progress=progress), out, progress=progress, overwrite=out.exists())
+        convert_gguf(demo_gguf_path(progress=progress), out, progress=progress, overwrite=out.exists(),
+                     generation_config=dict(GENERATION_CONFIG))
     if _read_generation_config(out) != GENERATION_CONFIG:
         atomic_write_text(out / "generation_config.json", json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     return out

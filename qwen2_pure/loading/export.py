@@ -42,7 +42,9 @@ def export_merged(source, adapter: Union[str, os.PathLike], output: Union[str, o
         reader = open_gguf(src)
         config = gguf_config(reader)
         tok_json, tok_cfg, gen_cfg = gguf_tokenizer_files(reader)
-        sources = {"tokenizer.json": tok_json, "tokenizer_config.json": tok_cfg, "generation_config.json": gen_cfg}
+        # the generation config the model was loaded with (the demo's sampling defaults, not just the ids)
+        sources = {"tokenizer.json": tok_json, "tokenizer_config.json": tok_cfg,
+                   "generation_config.json": model.generation_config.raw or gen_cfg}
     else:
         config = read_json_object(src / "config.json")
         sources = {name: src / name for name in SOURCE_FILES if (src / name).is_file()}

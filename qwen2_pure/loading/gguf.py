@@ -27,7 +27,7 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -588,8 +588,11 @@ def iter_gguf_tensors(path_or_reader, keep_int4=None) -> Iterator[tuple[str, obj
 # Conversion to an HF folder
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
-                 overwrite: bool = False, dtype="float32") -> Path:
+                 overwrite: bool = False, dtype="float32", generation_config: Optional[dict] = None) -> Path:
     """Dequantize a qwen2 GGUF into an HF-layout folder that transformers loads; returns `out_dir`.
+
+    generation_config: what generation_config.json holds (default: the ids of the GGUF's metadata, which has
+    no sampling values; the command line passes the demo's published defaults for the demo GGUF).
 
     dtype: of the written weights, a torch dtype or its config.json name (float32, bfloat16, float16;
     config.json's torch_dtype says which). float32 holds the dequantized values exactly; bfloat16 / float16
@@ -618,7 +621,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         config = {**config, "torch_dtype": name}
     dtype = getattr(torch, name)
     plan = _plan(reader)
-    tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer_files(reader)
+    tokenizer_json, tokenizer_config, gguf_generation_config = gguf_tokenizer_files(reader)
+    generation_config = gguf_generation_config if generation_config is None else generation_config
     metadata = {
         "format": "pt",
         "converted_by": "qwen2-pure convert_gguf",
