@@ -34,11 +34,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Qwen2PureError
 from ..sampling import make_generators
-from . import protocol
+from . import constrained, protocol
 from .engine import DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SLOTS, Engine, EngineStopped, Event, QueueFull
 from .engine import Request as EngineRequest
 from .metrics import CountResponses, Metrics
 from .protocol import APIError, Generation, ServerInfo
+from .tools import ToolCallStream, rewrite_choice
 
 log = logging.getLogger("qwen2_pure.serve")
 STATIC = Path(__file__).with_name("static")
@@ -216,11 +217,27 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
             return [None] * gen.n
         return make_generators(gen.params.seed, gen.n)
 
+    async def _processors(gen: Generation) -> list:
+        """Each choice's logits processors: its own grammar matcher when the answer is constrained (built off the
+        event loop: the first one also builds the grammar's view of the vocabulary, 2-3 s)."""
+        if gen.grammar is None:
+            return [()] * gen.n
+
+        def build():
+            return [[constrained.processor(tokenizer, info.vocab_size, info.eos_ids, gen.grammar)]
+                    for _ in range(gen.n)]
+        try:
+            return await asyncio.to_thread(build)
+        except Qwen2PureError as e:
+            raise protocol.bad(str(e), param="response_format") from None
+
     async def _answer(request: Request, gen: Generation):
+        processors = await _processors(gen)
         events = _Events(asyncio.get_running_loop())
         reqs = [EngineRequest(prompt=gen.prompt_ids, max_tokens=gen.max_tokens, params=gen.params, stop=gen.stop,
                               stop_token_ids=gen.stop_token_ids, skip_special_tokens=gen.skip_special_tokens,
-                              logprobs=gen.logprobs, generator=generator, on_event=metrics.watch(events.callback(i)))
+                              logprobs=gen.logprobs, generator=generator, on_event=metrics.watch(events.callback(i)),
+                              logits_processors=processors[i])
                 for i, generator in enumerate(_generators(gen))]
         try:
             for req in reqs:
@@ -263,6 +280,8 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
                     logprobs = protocol.logprobs_body(gen, entries[i], tokenizer)
                     bodies[i] = protocol.response_body(gen, rid, created_at, "".join(pieces[i]), ev.finish_reason,
                                                        ev.completion_tokens, logprobs=logprobs)
+                    if gen.tools is not None:  # read for tool calls (serve/tools.py)
+                        bodies[i]["choices"][0] = rewrite_choice(bodies[i]["choices"][0], gen.tools)
             return bodies[0] if len(bodies) == 1 else protocol.merge_choices(bodies)
         finally:
             watcher.cancel()
@@ -277,6 +296,8 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
             for i in range(gen.n):
                 yield protocol.sse(protocol.chunk_body(gen, rid, created_at, role=True, index=i))
         tokens, finished = [0] * gen.n, [False] * gen.n
+        tool_streams = [ToolCallStream(incremental=gen.tools.forced) if gen.tools is not None and gen.tools.parse
+                        else None for _ in range(gen.n)]
         while not all(finished):
             i, ev = await events.next()
             tokens[i] = ev.completion_tokens or tokens[i]
@@ -284,6 +305,11 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
                 # the openai client raises APIError for a data line carrying "error"
                 yield protocol.sse(APIError(500, ev.error, code="generation_failed").body())
                 break
+            if tool_streams[i] is not None:  # the text read for tool calls: content and tool_calls deltas
+                for data in _tool_chunks(gen, rid, created_at, i, tool_streams[i], ev):
+                    yield data
+                finished[i] = ev.finish_reason is not None
+                continue
             if ev.text or ev.logprobs:
                 logprobs = protocol.logprobs_body(gen, ev.logprobs, tokenizer)
                 yield protocol.sse(protocol.chunk_body(gen, rid, created_at, text=ev.text, index=i,
@@ -296,6 +322,22 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
             if gen.include_usage:
                 yield protocol.sse(protocol.chunk_body(gen, rid, created_at, usage_of=sum(tokens)))
         yield protocol.sse("[DONE]")
+
+    def _tool_chunks(gen: Generation, rid: str, created_at: int, i: int, stream: ToolCallStream, ev: Event):
+        """The SSE chunks of choice i's event when its text is read for tool calls (`ToolCallStream`): a chunk
+        per delta (the event's logprobs on the first), then the finish chunk with the finish_reason it gives."""
+        deltas, reason = (stream.push(ev.text) if ev.text else []), None
+        if ev.finish_reason:
+            more, reason = stream.finish(ev.finish_reason)
+            deltas += more
+        logprobs = protocol.logprobs_body(gen, ev.logprobs, tokenizer)
+        for delta in deltas or ([{"content": ""}] if logprobs else []):
+            chunk = protocol.chunk_body(gen, rid, created_at, index=i, logprobs=logprobs)
+            chunk["choices"][0]["delta"] = delta  # a content or tool_calls delta (chunk_body writes content only)
+            logprobs = None
+            yield protocol.sse(chunk)
+        if reason:
+            yield protocol.sse(protocol.chunk_body(gen, rid, created_at, finish_reason=reason, index=i))
 
     # ---- tokenizer and metrics endpoints ---------------------------------------------------------------------
 

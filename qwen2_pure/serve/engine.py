@@ -99,6 +99,8 @@ class Request:
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None  # None: none; k >= 0: each token's log-probability and the top k (TokenLogprob)
     generator: Optional[torch.Generator] = None  # what sampling draws from (None: from params.seed, else random)
+    # the sequence's own logits processors (`qwen2_pure.engine.Sequence`), e.g. a grammar's (serve/constrained.py)
+    logits_processors: Sequence_[Callable] = ()
     id: str = ""
     cancelled: bool = False  # set by `Engine.cancel`; the engine drops the request at its next step
     completion_tokens: int = 0
@@ -187,7 +189,8 @@ class Engine:
             generator = torch.Generator(device="cpu").manual_seed(seed)
         req.seq = Sequence(prompt=list(req.prompt), params=p, max_new_tokens=req.max_tokens,
                            stop_token_ids=req.stop_token_ids, stop=list(req.stop),
-                           skip_special_tokens=req.skip_special_tokens, generator=generator, logprobs=req.logprobs)
+                           skip_special_tokens=req.skip_special_tokens, generator=generator, logprobs=req.logprobs,
+                           logits_processors=list(req.logits_processors))
         try:
             self.core.check(req.seq)
         except Qwen2PureError as e:  # the engine's words are max_new_tokens; the API's are max_tokens

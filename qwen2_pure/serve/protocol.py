@@ -22,6 +22,8 @@ from typing import Any, Optional
 from ..errors import Qwen2PureError
 from ..loading.gguf_tokenizer import _bytes_to_unicode  # GPT-2's byte <-> character map of byte-level BPE
 from ..sampling import SamplingParams
+from .constrained import RequestFieldError, response_format_schema
+from .tools import ToolSpec, answer_grammar, history_tool_calls, parse_tools
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
@@ -140,6 +142,8 @@ class Generation:
     model: str
     n: int = 1  # choices, each its own engine request
     logprobs: Optional[int] = None  # None: no log-probabilities; k: each token's and the k most likely tokens'
+    tools: Optional[ToolSpec] = None  # a chat with tools: its answer is read for tool calls (serve/tools.py)
+    grammar: Optional[str] = None  # what the answer must follow (response_format, forced tool calls), llguidance's
 
 
 def _check_model(body: dict, info: ServerInfo) -> str:
@@ -203,12 +207,9 @@ def _common(body: dict, info: ServerInfo, kind: str, prompt_ids: list[int], prom
     n = _integer(body, "n", 1, info.max_n) or 1
     if body.get("best_of") != 1:
         _reject(body, "best_of")
-    for name in ("logit_bias", "tools", "functions", "echo"):
+    for name in ("logit_bias", "functions", "echo"):
         _reject(body, name)
-    if body.get("tool_choice") not in ("none", "auto"):
-        _reject(body, "tool_choice")
-    if body.get("response_format") != {"type": "text"}:
-        _reject(body, "response_format", what=' (only {"type": "text"})')
+    spec, grammar = _constraint(body, info, kind)
     stream = bool(_boolean(body, "stream"))
     opts = body.get("stream_options")
     include_usage = False
@@ -242,7 +243,8 @@ def _common(body: dict, info: ServerInfo, kind: str, prompt_ids: list[int], prom
                   code="context_length_exceeded")
     return Generation(kind=kind, prompt_ids=prompt_ids, max_tokens=max_tokens, params=params, stop=stop,
                       stop_token_ids=stop_ids, skip_special_tokens=skip, stream=stream,
-                      include_usage=include_usage, model=model, n=n, logprobs=_logprobs(body, kind))
+                      include_usage=include_usage, model=model, n=n, logprobs=_logprobs(body, kind),
+                      tools=spec, grammar=grammar)
 
 
 def _message_text(content, i: int) -> str:
@@ -283,17 +285,58 @@ def chat_prompt_ids(body: dict, info: ServerInfo) -> list[int]:
         content = m.get("content")
         if content is None and role != "assistant":
             raise bad(f"messages[{i}] ({role}) has no content", param=f"messages[{i}].content")
-        if m.get("tool_calls"):
-            raise bad(f"messages[{i}].tool_calls: tool calls are not supported by this server",
-                      param=f"messages[{i}].tool_calls", code="unsupported_parameter")
-        chat.append({"role": role, "content": "" if content is None else _message_text(content, i)})
+        chat.append({"role": role, "content": "" if content is None else _message_text(content, i),
+                     **_history_tool_calls(m, role, i)})
     add_generation_prompt = _boolean(body, "add_generation_prompt")
+    spec = _tools(body)
     try:
         text = info.tokenizer.apply_chat_template(
-            chat, add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt)
+            chat, add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
+            tools=None if spec is None else spec.tools)
     except Qwen2PureError as e:
         raise bad(str(e), param="messages") from None
     return info.tokenizer.encode(text)
+
+
+# ---- tools and structured output (serve/tools.py, serve/constrained.py) ---------------------------------------
+
+def _tools(body: dict) -> Optional[ToolSpec]:
+    """The request's `tools`, `tool_choice` and `parallel_tool_calls` (None without tools)."""
+    try:
+        return parse_tools(body)
+    except RequestFieldError as e:
+        raise bad(str(e), param=e.param) from None
+
+
+def _history_tool_calls(m: dict, role: str, i: int) -> dict:
+    """{"tool_calls": [...]} of an assistant message that made calls, as the template renders them; {} else."""
+    if not m.get("tool_calls"):
+        return {}
+    if role != "assistant":
+        raise bad(f"messages[{i}].tool_calls: only an assistant message carries tool calls",
+                  param=f"messages[{i}].tool_calls")
+    try:
+        return {"tool_calls": history_tool_calls(m["tool_calls"], i)}
+    except RequestFieldError as e:
+        raise bad(str(e), param=e.param) from None
+
+
+def _constraint(body: dict, info: ServerInfo, kind: str) -> tuple[Optional[ToolSpec], Optional[str]]:
+    """The request's tools (chat only) and the grammar its answer must follow (None: free text), from `tools`,
+    `tool_choice`, `parallel_tool_calls` and `response_format`."""
+    if kind != "chat":
+        _reject(body, "tools")
+        if body.get("tool_choice") not in ("none", "auto"):
+            _reject(body, "tool_choice")
+    spec = _tools(body) if kind == "chat" else None
+    try:
+        grammar = answer_grammar(spec, response_format_schema(body.get("response_format")), info.tokenizer)
+    except RequestFieldError as e:
+        raise bad(str(e), param=e.param) from None
+    if grammar is not None and _boolean(body, "ignore_eos"):
+        raise bad("ignore_eos cannot be combined with a constrained answer (response_format, tool_choice 'required' "
+                  "or a named function): the stop token is what ends it", param="ignore_eos")
+    return spec, grammar
 
 
 def parse_completion(body: dict, info: ServerInfo) -> Generation:
