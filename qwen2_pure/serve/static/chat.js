@@ -174,7 +174,8 @@ function renderBody(body, role, text, toolCalls) {
 function metaText(meta) {
   const parts = [meta.finish === "stopped" ? "stopped" : `finish: ${meta.finish}`];
   if (meta.tokens != null) {
-    parts.push(`${meta.tokens} token${meta.tokens === 1 ? "" : "s"}` + (meta.rate != null ? `, ${meta.rate} tok/s` : ""));
+    const rate = meta.rate != null ? `, ${meta.rate} tok/s` : "";
+    parts.push(`${meta.tokens} token${meta.tokens === 1 ? "" : "s"}${rate}`);
   }
   return parts.join(" · ");
 }
