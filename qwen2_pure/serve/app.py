@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import Qwen2PureError
 from ..sampling import make_generators
@@ -196,7 +197,11 @@ def create_app(model, tokenizer, *, model_name: Optional[str] = None, api_key: O
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind and kind != "application/json" and not kind.endswith("+json"):
             raise APIError(400, f"Content-Type must be application/json, got {kind!r}", code="invalid_json")
-        return protocol.parse_json_body(await request.body())
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # the client went away while sending: nobody to answer, nothing to log
+            raise APIError(499, "client closed the request") from None
+        return protocol.parse_json_body(body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
