@@ -249,6 +249,12 @@ def test_chat_message_and_finish_reason():
     assert message["content"] is None and reason == "tool_calls"
     assert message["tool_calls"][0]["function"] == {"name": "ping", "arguments": "{}"}
     assert chat_message(text, "length", spec)[1] == "length"
+    # a forced answer cut short by max_tokens: the complete calls stand (auto: all of it is content)
+    cut = text + "\n" + text[:30]
+    forced = tools.ToolSpec(tools=[tool("ping")], choice="required")
+    message, reason = chat_message(cut, "length", forced)
+    assert reason == "length" and len(message["tool_calls"]) == 1
+    assert chat_message(cut, "length", spec) == ({"role": "assistant", "content": cut}, "length")
     assert chat_message(text, "stop", None) == ({"role": "assistant", "content": text}, "stop")
     none = tools.ToolSpec(tools=[tool("ping")], choice="none")
     assert chat_message(text, "stop", none) == ({"role": "assistant", "content": text}, "stop")

@@ -26,7 +26,8 @@ The model writes zero or more such blocks (joined by "\\n"), optionally after so
   (vllm/entrypoints/openai/tool_parsers/hermes_tool_parser.py): the text between `<tool_call>` and
   `</tool_call>`, or from an unclosed `<tool_call>` to the end, must be JSON with a "name"; the content is the
   text before the first block (None if empty); anything malformed and the whole text is plain content,
-  never an error. With calls, finish_reason is "tool_calls" (llama.cpp's rule; vLLM keeps "stop" for the
+  never an error, except that for the forced choices a last block cut short by max_tokens is dropped (a
+  small model may call again and again: the complete calls stand). With calls, finish_reason is "tool_calls" (llama.cpp's rule; vLLM keeps "stop" for the
   forced choices, which agents that look for "tool_calls" do not expect).
 - **Streaming** (`ToolCallStream`): content streams as it comes, except a tail that may be the start of
   `<tool_call>` (and the whitespace before it, which the non-streamed content drops too); each call then goes
@@ -251,13 +252,21 @@ def _call(obj) -> tuple[str, str]:
     return obj["name"], json.dumps(arguments, ensure_ascii=False)
 
 
-def parse_tool_calls(text: str) -> tuple[Optional[str], list]:
-    """(content, [(name, arguments JSON string)]) of a finished answer; malformed blocks: (text, [])."""
+def parse_tool_calls(text: str, forced: bool = False) -> tuple[Optional[str], list]:
+    """(content, [(name, arguments JSON string)]) of a finished answer; malformed blocks: (text, []).
+    forced: the answer of a forced choice, whose grammar makes every complete block valid; a last block cut
+    short (by max_tokens) is dropped instead of turning the whole answer into content."""
     start = text.find(TOOL_CALL_START)
     if start < 0:
         return text, []
+    blocks = _BLOCK.findall(text, start)
+    if forced and len(blocks) > 1 and blocks[-1][1]:
+        try:
+            json.loads(blocks[-1][1])
+        except ValueError:
+            blocks = blocks[:-1]
     try:
-        calls = [_call(json.loads(closed or unclosed)) for closed, unclosed in _BLOCK.findall(text, start)]
+        calls = [_call(json.loads(closed or unclosed)) for closed, unclosed in blocks]
     except ValueError:  # json's errors are ValueErrors too
         return text, []
     content = text[:start].rstrip()
@@ -274,7 +283,7 @@ def chat_message(text: str, finish_reason: str, spec: Optional[ToolSpec]) -> tup
     message = {"role": "assistant", "content": text}
     if spec is None or not spec.parse:
         return message, finish_reason
-    content, calls = parse_tool_calls(text)
+    content, calls = parse_tool_calls(text, forced=spec.forced)
     if not calls:
         return message, finish_reason
     message = {"role": "assistant", "content": content,
@@ -336,9 +345,10 @@ class ToolCallStream:
     block valid), a call's header goes out once its name is complete and its arguments as the model writes
     them. Without it ("auto"), a call goes out when its block is complete and parses (header, then the
     arguments), so that a malformed block is never half sent: if the first one is malformed the whole answer is
-    content, as the non-streamed message says. A malformed block after valid ones (already sent) is where the
-    two differ: the stream keeps the calls sent and gives the text from that block on as content, where the
-    non-streamed message, all or nothing as vLLM's, is all content.
+    content, as the non-streamed message says. Where the two differ: a malformed block after valid ones
+    (already sent): the stream keeps the calls sent and gives the text from that block on as content, where the
+    non-streamed message, all or nothing as vLLM's, is all content; and a forced call cut short by max_tokens,
+    whose beginning was sent, where the non-streamed message drops it.
     """
 
     def __init__(self, incremental: bool = False):
@@ -412,7 +422,7 @@ class ToolCallStream:
         return out
 
     def finish(self, finish_reason: str) -> tuple[list[dict], str]:
-        content, calls = parse_tool_calls(self.text)
+        content, calls = parse_tool_calls(self.text, forced=self.incremental)
         out = []
         if not self.calls and not calls:  # plain text after all: whatever was held back
             if len(self.text) > self.sent:
