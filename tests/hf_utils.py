@@ -57,11 +57,17 @@ def assert_within_reference(ours_a, ours_b, ref_a, ref_b, *, what, factor=4.0, f
     noise is of the same size, not the same numbers. A real bug (a wrong mask, position or slot) moves logits
     by whole units, orders of magnitude above this bound."""
     ours, ref = max_diff(ours_a, ours_b), max_diff(ref_a, ref_b)
-    floor = floor_ulps * torch.finfo(torch.float32).eps * ref_a.float().abs().max().item()
+    assert_distance_within(ours, ref, ref_a.float().abs().max().item(), what=what, factor=factor,
+                           floor_ulps=floor_ulps)
+    return ours, ref
+
+
+def assert_distance_within(ours: float, ref: float, magnitude: float, *, what, factor=4.0, floor_ulps=4):
+    """`assert_within_reference` for distances already measured; `magnitude`: the largest |value| compared."""
+    floor = floor_ulps * torch.finfo(torch.float32).eps * magnitude
     bound = max(factor * ref, floor)
     assert ours <= bound, (f"{what}: our distance {ours:.3g} > {bound:.3g} = max({factor:g} x the reference's "
                            f"distance {ref:.3g} for the same pair on this machine, floor {floor:.3g})")
-    return ours, ref
 
 
 def grouped_gemms_exact(heads: int, kv_heads: int, head_dim: int, batch: int, length: int,

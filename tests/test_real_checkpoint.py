@@ -12,8 +12,13 @@ import pytest
 import torch
 
 import qwen2_pure as q
+from hf_utils import assert_distance_within, assert_same_op_order, grouped_gemms_exact, max_diff
 
 transformers = pytest.importorskip("transformers")
+
+
+def load_hf(demo_dir, dtype, attn="eager"):
+    return transformers.AutoModelForCausalLM.from_pretrained(demo_dir, dtype=dtype, attn_implementation=attn).eval()
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +32,13 @@ def demo_dir():
 
 @pytest.fixture(scope="module")
 def pair(demo_dir):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    hf = load_hf(demo_dir, torch.float32)
     ours = q.load_model(demo_dir, dtype=torch.float32)
     tok = q.load_tokenizer(demo_dir)
     return hf, ours, tok
 
 
-def test_64_greedy_tokens_identical_to_transformers(pair):
+def test_64_greedy_tokens_identical_to_transformers(pair, demo_dir):
     hf, ours, tok = pair
     messages = [{"role": "user", "content": "Explain what this does:\n\ndef merge_sorted(a, b):\n"
                  "    out = []\n    while a and b:\n        out.append((a if a[0] < b[0] else b).pop(0))\n"
@@ -51,7 +55,7 @@ def test_64_greedy_tokens_identical_to_transformers(pair):
     with torch.no_grad():
         a, b = ours(seq)[0], hf(seq).logits[0]
     delta = (a - b).abs().max().item()
-    record = {"checkpoint": str(ours.source), "prompt_tokens": len(prompt), "new_tokens": 64,
+    record = {"checkpoint": str(demo_dir), "prompt_tokens": len(prompt), "new_tokens": 64,
               "identical_tokens": sum(x == y for x, y in zip(got, ref)), "max_abs_logit_delta": delta,
               "max_abs_logit": b.abs().max().item(), "transformers": transformers.__version__,
               "torch": torch.__version__, "text": tok.decode(got, skip_special_tokens=True)}
@@ -61,7 +65,11 @@ def test_64_greedy_tokens_identical_to_transformers(pair):
     print(f"\nreal checkpoint: max |Δlogit| = {delta:.3e} over {seq.shape[1]} positions")
     assert got == ref
     assert "merge" in record["text"].lower() or "sort" in record["text"].lower()  # a coherent answer
-    assert delta < 1e-3  # 24 fp32 layers in the same op order; measured ~0 on this machine
+    # 24 fp32 layers in the same op order: bit for bit where this machine's GEMMs allow it (0.0 on an AVX-512
+    # Xeon), else no further from transformers' eager logits than its own SDPA ones
+    with torch.no_grad():
+        assert_same_op_order(a, b, lambda: load_hf(demo_dir, torch.float32, "sdpa")(seq).logits[0],
+                             config=ours.config, ids=seq, what="the real checkpoint's fp32 logits")
 
 
 def test_tools_parity_bf16(demo_dir):
@@ -74,8 +82,17 @@ def test_tools_parity_bf16(demo_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report["identical_greedy_prefix"] == "8/8"
-    assert report["max_abs_logit_delta"] < 0.1  # measured 0.0 on the CI machine; bf16 noise elsewhere
     assert report["top1_agreement"] == 1.0
+    delta = report["max_abs_logit_delta"]
+    cfg = q.Qwen2Config.from_dict(json.loads((demo_dir / "config.json").read_text()))
+    if grouped_gemms_exact(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 1, report["positions"],
+                           torch.bfloat16):
+        assert delta == 0.0  # 0.0 on an AVX-512/AMX Xeon, with AVX-512 and AVX2 kernels
+    else:  # this machine's GEMMs round by shape: no further than transformers' own eager vs SDPA, here
+        x = torch.arange(1000, 1000 + report["positions"])[None]
+        with torch.no_grad():
+            spread = max_diff(*(load_hf(demo_dir, torch.bfloat16, attn)(x).logits for attn in ("eager", "sdpa")))
+        assert_distance_within(delta, spread, report["max_abs_logit"], what="tools/parity.py bf16 logits")
 
 
 def test_lora_training_steps_on_the_real_checkpoint(demo_dir, tmp_path):
