@@ -1,12 +1,15 @@
 """benchmarks/train.py --smoke: both engines train on a tiny checkpoint with the real tokenizer and report tokens/s."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from hf_utils import assert_distance_within
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +34,12 @@ def test_smoke_run_reports_both_engines(base_dir, tmp_path):
     data = json.loads(out.read_text())
     by = {r["engine"]: r for r in data["results"]}
     assert set(by) == {"qwen2-pure", "hf-sdpa", "hf-eager"}
-    for r in by.values():
-        assert r["tokens_per_s"] > 0 and r["s_per_step"] > 0 and r["peak_rss_mb"] > 0
+    for r in by.values():  # sanity, never a speed: finite and positive
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("tokens_per_s", "s_per_step", "peak_rss_mb")), r
         assert r["trainable_params"] == by["qwen2-pure"]["trainable_params"] > 0
-        # same checkpoint, same batch, LoRA B = 0: the first step's loss is the base model's, equal in both engines
-        assert r["first_loss"] == pytest.approx(by["qwen2-pure"]["first_loss"], rel=1e-4)
+    # same checkpoint, same batch, LoRA B = 0: the first step's loss is the base model's, in both engines; ours no
+    # further from transformers' eager than transformers' SDPA is, on this machine
+    ours, eager, sdpa = (by[e]["first_loss"] for e in ("qwen2-pure", "hf-eager", "hf-sdpa"))
+    assert_distance_within(abs(ours - eager), abs(sdpa - eager), abs(eager), what="first loss")
     assert set(data["ratios"]) == {"hf-sdpa", "hf-eager"}
     assert "ours/transformers+peft (eager)" in p.stdout.strip().splitlines()[-1]
