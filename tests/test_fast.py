@@ -16,7 +16,7 @@ import torch
 import qwen2_pure as q
 from hf_utils import VOCAB, assert_within_reference, hf_step_logits, load_hf, make_hf_checkpoint
 from qwen2_pure import ops
-from qwen2_pure.fast import DecodeStep
+from qwen2_pure.fast import decode_step_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,25 +130,32 @@ def test_static_step_equals_dynamic_step(ckpt):
     assert_within_reference(sta, dyn, hf_sta, hf_dyn, what="static vs dynamic decode step")
 
 
-def test_compiled_decode_step_gives_the_eager_tokens(ckpt, monkeypatch):
+def test_compiled_decode_step_gives_the_eager_tokens(ckpt):
     # any CPU (fp32; inductor's C++ loops for this CPU's vector ISA): the compiled step's greedy tokens
-    from qwen2_pure.fast import enable_compile  # the old API: this test moves to Settings(compile=True) next
-    model = q.load_model(ckpt)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
-    eager = q.generate(model, prompts, max_new_tokens=8, stop_token_ids=[])
-    eager_long = q.generate(model, [[1, 2, 3] * 5, [4] * 9], max_new_tokens=5, stop_token_ids=[])
-    enable_compile(model)
-    assert isinstance(model.decode_step, DecodeStep)
-    assert q.generate(model, prompts, max_new_tokens=8, stop_token_ids=[]) == eager
-    # another prompt and cache length with the same batch size: same compiled code (the slot dim is dynamic)
-    compiled = model.decode_step._compiled
-    assert q.generate(model, [[1, 2, 3] * 5, [4] * 9], max_new_tokens=5, stop_token_ids=[]) == eager_long
-    assert model.decode_step._compiled is compiled
-    monkeypatch.setenv("QWEN2_PURE_COMPILE", "0")  # the switch: the eager static step, same tokens
-    assert q.generate(model, prompts, max_new_tokens=8, stop_token_ids=[]) == eager
-
-
-def test_load_model_compile_flag(ckpt):
+    eager_model = q.load_model(ckpt)
     model = q.load_model(ckpt, compile=True)
-    assert isinstance(model.decode_step, DecodeStep)
-    assert getattr(q.load_model(ckpt), "decode_step", None) is None
+    step = decode_step_for(model)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    longer = [[1, 2, 3] * 5, [4] * 9]
+    eager = q.generate(eager_model, prompts, max_new_tokens=8, stop_token_ids=[])
+    eager_long = q.generate(eager_model, longer, max_new_tokens=5, stop_token_ids=[])
+    assert q.generate(model, prompts, max_new_tokens=8, stop_token_ids=[]) == eager
+    assert step.calls == 7  # every decode step ran compiled (the first token comes from the prefill)
+    # another prompt and cache length with the same batch size: the same compiled code (the slot dim is dynamic)
+    compiled = step._compiled
+    assert q.generate(model, longer, max_new_tokens=5, stop_token_ids=[]) == eager_long
+    assert step._compiled is compiled and step.calls == 11
+    assert decode_step_for(eager_model).calls == 0  # the eager model never took it
+
+
+def test_compile_setting(ckpt, monkeypatch):
+    """compile= and Settings(compile=) choose the step at load; QWEN2_PURE_COMPILE is only the default."""
+    assert q.load_model(ckpt, compile=True).settings.compile
+    assert not q.load_model(ckpt).settings.compile
+    monkeypatch.setenv("QWEN2_PURE_COMPILE", "1")
+    assert q.load_model(ckpt).settings.compile
+    assert not q.load_model(ckpt, compile=False).settings.compile
+    assert not q.load_model(ckpt, settings=q.Settings(compile=False)).settings.compile
+    monkeypatch.setenv("QWEN2_PURE_COMPILE", "yes")
+    with pytest.raises(q.Qwen2PureError, match="QWEN2_PURE_COMPILE='yes'"):
+        q.load_model(ckpt)
