@@ -348,7 +348,8 @@ def test_model_logits_triton_path_equal_reference_path(tiny_checkpoint, monkeypa
     assert ref.abs().max() > 1
     with monkeypatch.context() as m:  # the reference path with PyTorch's SDPA for the attention, on any device
         m.setattr(ops, "attention", lambda q, k, v, mask, scale, settings: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]))
+            q, k, v, attn_mask=mask if isinstance(mask, torch.Tensor) else mask.additive(), scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1]))
         sdpa = run("torch")
     assert_within_reference(tri, ref, sdpa, ref, what="Triton path vs the reference path")
 
