@@ -564,3 +564,14 @@ def test_tools_on_completions_is_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="qwen2", prompt="x", max_tokens=5, extra_body={"tools": TOOLS})
     assert e.value.body["param"] == "tools"
+
+
+def test_streamed_arguments_start_at_the_object_whatever_the_split():
+    """The header can match before the space after `"arguments":` arrives; the arguments still begin at "{"."""
+    from qwen2_pure.serve.tools import ToolCallStream
+    pieces = ['<tool_call>\n{"name": "get_weather", "arguments":', ' {"city": ', '"Paris"}}', '\n</tool_call>']
+    stream = ToolCallStream(incremental=True)
+    deltas = [d for p in pieces for d in stream.push(p)]
+    deltas += stream.finish("stop")[0]
+    args = "".join(c["function"].get("arguments", "") for d in deltas for c in d.get("tool_calls", []))
+    assert args == '{"city": "Paris"}'

@@ -409,6 +409,10 @@ class ToolCallStream:
             if call.done:
                 continue
             rest = body[call.args_start:]
+            if call.sent == 0 and rest.strip():  # whitespace after the colon that came after the header matched
+                lead = len(rest) - len(rest.lstrip())
+                call.args_start += lead
+                rest = rest[lead:]
             if rest.strip() and not rest.lstrip().startswith("{"):  # not an object (a JSON string?): at the end
                 self.stalled = closed
                 break
