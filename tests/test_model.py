@@ -45,7 +45,7 @@ def test_fp32_logits_match_eager(ckpt):
     x = ids(2, 37)
     ref = hf(x).logits
     assert ref.abs().max() > 3  # logits that vary, not a degenerate model
-    assert_same_op_order(ours(x), ref, lambda: load_hf(ckpt, attn="sdpa")(x).logits, config=ours.config, ids=x,
+    assert_same_op_order(ours(x), ref, lambda: load_hf(ckpt, attn="sdpa")(x).logits, model=ours, ids=x,
                          what="fp32 logits")
 
 
@@ -63,7 +63,7 @@ def test_bf16_logits_match_transformers_bf16(ckpt):
     assert ours.dtype == torch.bfloat16
     x = ids(2, 29, seed=2)
     assert_same_op_order(ours(x), hf(x).logits, lambda: load_hf(ckpt, torch.bfloat16, attn="sdpa")(x).logits,
-                         config=ours.config, ids=x, what="bf16 logits")
+                         model=ours, ids=x, what="bf16 logits")
 
 
 def test_left_padded_batch(ckpt):
@@ -77,7 +77,7 @@ def test_left_padded_batch(ckpt):
     ref = hf(batch, attention_mask=mask, position_ids=pos).logits
     real = mask.bool()  # padded positions attend to nothing real: only real tokens' logits count
     assert_same_op_order(got[real], ref[real], lambda: load_hf(ckpt, attn="sdpa")(
-        batch, attention_mask=mask, position_ids=pos).logits[real], config=ours.config, ids=batch, what="padded batch")
+        batch, attention_mask=mask, position_ids=pos).logits[real], model=ours, ids=batch, what="padded batch")
     # and each row equals its unpadded forward, as closely as transformers' rows equal theirs: the padded
     # batch runs other GEMM shapes (transformers' own rows: 0 to 8e-5 apart on one Xeon, by head_dim and ISA)
     for row, alone in ((0, long), (1, short)):
@@ -149,7 +149,7 @@ def test_sliding_window_matches_transformers(tmp_path):
     hf = load_hf(tmp_path)
     x = ids(1, 21, seed=11)
     assert_same_op_order(ours(x), hf(x).logits, lambda: load_hf(tmp_path, attn="sdpa")(x).logits,
-                         config=ours.config, ids=x, what="sliding window")
+                         model=ours, ids=x, what="sliding window")
     # the window matters: without it the logits differ
     full = q.load_model(tmp_path)
     for layer in full.model.layers:
@@ -179,7 +179,7 @@ def test_rope_scaling_matches_transformers(tmp_path, scaling):
     assert ours.config.rope_scaling["rope_type"] == scaling["rope_type"]
     x = ids(1, 150, seed=12)  # past the "original" context, where the scaling matters
     assert_same_op_order(ours(x), hf(x).logits, lambda: load_hf(tmp_path, attn="sdpa")(x).logits,
-                         config=ours.config, ids=x, what=f"{scaling['rope_type']} RoPE")
+                         model=ours, ids=x, what=f"{scaling['rope_type']} RoPE")
     # the scaling really changes the model (positions past the original context differ)
     plain = make_hf_checkpoint(tmp_path / "plain", max_pos=256)
     assert (q.load_model(tmp_path / "plain")(x) - ours(x)).abs().max() > 1e-2

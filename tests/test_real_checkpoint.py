@@ -69,7 +69,7 @@ def test_64_greedy_tokens_identical_to_transformers(pair, demo_dir):
     # Xeon), else no further from transformers' eager logits than its own SDPA ones
     with torch.no_grad():
         assert_same_op_order(a, b, lambda: load_hf(demo_dir, torch.float32, "sdpa")(seq).logits[0],
-                             config=ours.config, ids=seq, what="the real checkpoint's fp32 logits")
+                             model=ours, ids=seq, what="the real checkpoint's fp32 logits")
 
 
 def test_tools_parity_bf16(demo_dir):
