@@ -331,7 +331,13 @@ class Engine:
         input_pos = torch.tensor([t], device=self.device)
         dense = self._dense(rows)
         if self.step_fn is not None and len(indices) == len(self.rows):  # the whole batch; a retry of one row is eager
-            return self.step_fn(ids, pos, input_pos, None if dense else self.mask[:hi], self.cache)
+            # a power-of-two batch (the compiled shapes are static; see qwen2_pure.fast): the padding rows are free
+            # rows, whose mask is all zero (or, dense, their own stale slots): their logits are dropped
+            B = min(1 << (hi - 1).bit_length(), self.max_batch)
+            if B > hi:
+                ids = torch.cat([ids, torch.full((B - hi, 1), self.pad_id, dtype=torch.long, device=self.device)])
+                pos = torch.cat([pos, torch.zeros((B - hi, 1), dtype=torch.long, device=self.device)])
+            return self.step_fn(ids, pos, input_pos, None if dense else self.mask[:B], self.cache)[:hi]
         cache = KVCache.wrap(self.cache.k[:, lo:hi], self.cache.v[:, lo:hi])
         return self.model(ids, attention_mask=None if dense else self.mask[lo:hi, :t + 1], position_ids=pos,
                           cache=cache, input_pos=input_pos, kv_len=t + 1, last_only=True)[:, -1].float()

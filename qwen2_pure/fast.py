@@ -11,8 +11,8 @@ mask for slots no row owns), so each step has the same shapes and runs without w
 - CPU: `torch.compile` (inductor) fuses the norms, RoPE, the SwiGLU product and the residual adds into
   a few C++ loops and calls the matrix products as before; Python runs once per step instead of once
   per op. The first generation pays the compilation (tens of seconds for the 0.5B model on 2 cores);
-  the batch and cache-length dimensions are marked dynamic so other batch sizes and prompt lengths do
-  not recompile (a batch of 1 is compiled separately: torch specializes sizes 0 and 1).
+  the cache-length dimension is marked dynamic so other prompt lengths do not recompile; the engine pads
+  the batch to a power of two (idle rows are masked), so each of 1, 2, 4, 8, ... is compiled once.
 - CUDA: the step is captured into a CUDA graph per (cache, batch size) and replayed each step: one launch
   instead of hundreds.
 
@@ -65,12 +65,17 @@ class DecodeStep:
         if ids.is_cuda:
             return self._cuda_graph(ids, position_ids, input_pos, attention_mask, cache)
         if self._compiled is None:
-            self._compiled = torch.compile(lambda *a: _step(self.model, *a), fullgraph=True)
-        for t, dims in ((ids, (0,)), (position_ids, (0,)), (attention_mask, (0, 1)), (cache.k, (1, 3)),
-                        (cache.v, (1, 3))):
+            self._compiled = torch.compile(lambda *a: _step(self.model, *a), fullgraph=True, options=_cpu_options())
+        # Only the slot dimension is dynamic. A dynamic batch dimension makes inductor (torch 2.13) write out
+        # of bounds for some shapes (heap corruption, tests/test_engine.py); the engine instead pads the batch
+        # to a power of two, so a handful of static batch sizes are compiled once each.
+        for t, dynamic, static in ((ids, (), (0,)), (position_ids, (), (0,)), (attention_mask, (1,), (0,)),
+                                   (cache.k, (3,), (1,)), (cache.v, (3,), (1,))):
             if t is not None:
-                for d in dims:
+                for d in dynamic:
                     torch._dynamo.maybe_mark_dynamic(t, d)
+                for d in static:
+                    torch._dynamo.mark_static(t, d)
         return self._compiled(ids, position_ids, input_pos, attention_mask, cache.k, cache.v)
 
     def _cuda_graph(self, ids, position_ids, input_pos, attention_mask, cache):
@@ -96,6 +101,14 @@ class DecodeStep:
                 buf.copy_(value)
         graph.replay()
         return out.clone()
+
+
+def _cpu_options() -> dict:
+    """Inductor's vector width, matched to the ATen kernels' CPU capability. With ATen held to AVX2
+    (ATEN_CPU_CAPABILITY=avx2) on an AVX-512 CPU, inductor's default 512-bit loops gave NaN logits here
+    (torch 2.13); 256-bit loops agree with the eager step."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"cpp.simdlen": 256} if capability == "AVX2" else {}
 
 
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
