@@ -477,3 +477,17 @@ def test_logprobs_are_the_raw_distribution_and_processors_shape_the_choice(model
         ids = [i for i, _ in o.top_logprobs]
         assert len(ids) == 3 and ids[0] == o.token  # greedy: the chosen token is the most likely
         assert ids == torch.topk(ref[step], 3).indices.tolist()
+
+
+def test_compiled_batches_of_every_size_equal_eager(tmp_path):
+    """Regression: with the batch dimension dynamic, inductor corrupted the heap for this shape (hidden 224,
+    intermediate 64). The compiled step now sees power-of-two batches with the idle rows masked: batches of
+    1, 2 and 3 (padded to 4) give the eager tokens."""
+    from hf_utils import make_hf_checkpoint
+    make_hf_checkpoint(tmp_path, heads=14, kv_heads=2, head_dim=16, layers=1, intermediate=64)
+    eager = q.load_model(tmp_path, settings=q.Settings(fast=False))
+    compiled = q.load_model(tmp_path, settings=q.Settings(fast=False, compile=True))
+    for prompts in ([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], [[3, 4, 5]], [[1, 2], [7] * 6, [9, 8, 7, 6]]):
+        assert q.generate(compiled, prompts, max_new_tokens=4, stop_token_ids=[]) == \
+            q.generate(eager, prompts, max_new_tokens=4, stop_token_ids=[])
+    assert decode_step_for(compiled).calls == 9
