@@ -66,9 +66,10 @@ class DecodeStep:
             return self._cuda_graph(ids, position_ids, input_pos, attention_mask, cache)
         if self._compiled is None:
             self._compiled = torch.compile(lambda *a: _step(self.model, *a), fullgraph=True, options=_cpu_options())
-        # Only the slot dimension is dynamic. A dynamic batch dimension makes inductor (torch 2.13) write out
-        # of bounds for some shapes (heap corruption, tests/test_engine.py); the engine instead pads the batch
-        # to a power of two, so a handful of static batch sizes are compiled once each.
+        # Only the slot dimension is dynamic; the engine pads the batch to a power of two, so a handful of
+        # static batch sizes are compiled once each (fewer guards and recompiles than a dynamic batch, whose
+        # kernels showed heap corruption here; that run also shared inductor's on-disk cache with an
+        # ATEN_CPU_CAPABILITY=avx2 run, which alone corrupts, so the dynamic batch is not proven at fault).
         for t, dynamic, static in ((ids, (), (0,)), (position_ids, (), (0,)), (attention_mask, (1,), (0,)),
                                    (cache.k, (3,), (1,)), (cache.v, (3,), (1,))):
             if t is not None:
@@ -104,9 +105,9 @@ class DecodeStep:
 
 
 def _cpu_options() -> dict:
-    """Inductor's vector width, matched to the ATen kernels' CPU capability. With ATen held to AVX2
-    (ATEN_CPU_CAPABILITY=avx2) on an AVX-512 CPU, inductor's default 512-bit loops gave NaN logits here
-    (torch 2.13); 256-bit loops agree with the eager step."""
+    """Inductor's vector width, matched to the ATen kernels' CPU capability (256-bit loops when ATen runs AVX2,
+    e.g. ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU). Kernels compiled under one capability must not be reused
+    under another: inductor's on-disk cache does not key on it (tests/conftest.py keeps one per capability)."""
     capability = torch.backends.cpu.get_cpu_capability()
     return {"cpp.simdlen": 256} if capability == "AVX2" else {}
 

@@ -480,9 +480,9 @@ def test_logprobs_are_the_raw_distribution_and_processors_shape_the_choice(model
 
 
 def test_compiled_batches_of_every_size_equal_eager(tmp_path):
-    """Regression: with the batch dimension dynamic, inductor corrupted the heap for this shape (hidden 224,
-    intermediate 64). The compiled step now sees power-of-two batches with the idle rows masked: batches of
-    1, 2 and 3 (padded to 4) give the eager tokens."""
+    """The compiled step sees power-of-two batches with the idle rows masked: batches of 1, 2 and 3 (padded to
+    4) give the eager tokens (the shape, hidden 224 / intermediate 64, is where a run with a dynamic batch
+    dimension and a mixed-capability inductor cache corrupted the heap)."""
     from hf_utils import make_hf_checkpoint
     make_hf_checkpoint(tmp_path, heads=14, kv_heads=2, head_dim=16, layers=1, intermediate=64)
     eager = q.load_model(tmp_path, settings=q.Settings(fast=False))
