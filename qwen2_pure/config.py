@@ -323,10 +323,3 @@ class GenerationConfig:
         path = Path(path)
         d = read_json_object(path) if path.is_file() else {}
         return cls.from_dict(d, config, source=str(path))
-
-    def sampling_params(self, **overrides) -> Any:
-        """The file's sampling defaults with `overrides` (None values ignored; a temperature > 0 turns sampling
-        on with the file's top_k/top_p/min_p, as `SamplingParams.from_generation_config` documents)."""
-        from .sampling import SamplingParams
-        d = {k: v for k, v in self.raw.items() if k != "max_new_tokens"}
-        return SamplingParams.from_generation_config(d, **overrides)

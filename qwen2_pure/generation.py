@@ -55,7 +55,7 @@ def _sequences(model, prompts, *, max_new_tokens, seed, stop_token_ids, stop=(),
     longest = max(len(p) for p in prompts)
     max_new = min(max_new_tokens, model.config.max_position_embeddings - longest)  # generation ends at the context
     generators = make_generators(seed, len(prompts)) if not params.greedy else None
-    stop_ids = default_stop_ids(model) if stop_token_ids is None else [int(t) for t in stop_token_ids]
+    stop_ids = None if stop_token_ids is None else [int(t) for t in stop_token_ids]  # None: the engine's eos ids
     caches = prompt_cache if isinstance(prompt_cache, (list, tuple)) else [prompt_cache] * len(prompts)
     if len(caches) != len(prompts) or (prompt_cache is not None and len(prompts) > 1
                                        and not isinstance(prompt_cache, (list, tuple))):
