@@ -618,6 +618,13 @@ def run(model_src: Optional[str] = None, *, seconds: float = 60, clients: int = 
             idle = wait_idle(engine, 60)
             samples = sampler.stop()
             after = snapshot(engine)
+            # the engine is idle before the web server has finished tearing down the last responses (a
+            # disconnected stream's handler still holds its request for a moment): give them 10 s to go; a
+            # leaked request stays and fails below
+            deadline = time.monotonic() + 10
+            while (after["live_requests"] or after["live_sequences"]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                after = snapshot(engine)
             core = engine.core
             state = {"idle": idle, "load": engine.load(), "rows": len(core.rows), "t": core.t,
                      "mask_sum": int(core.mask.sum()), "dead": engine.dead}
